@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+# The environment lives in .venv and is created on first use from constraints.txt,
+# so a fresh install gets exactly the versions the suite was run with.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/default
+CONFIG ?= configs/default.py
+BENCH_OUT ?= benchmarks/results
+
+.PHONY: install train test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "uv==0.13.9"
+	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[test,notebooks]"
+	touch $@
+
+train: install
+	$(PY) -m multitask_moe.train --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/moe_layer.py --out=$(BENCH_OUT)/moe_layer.json
+
+lint: install
+	$(VENV)/bin/ruff check multitask_moe tests benchmarks configs
+
+clean:
+	rm -rf $(VENV) workdir
