@@ -26,7 +26,9 @@ test: install
 
 bench: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/moe_layer.py --out=$(BENCH_OUT)/moe_layer.json
+	for b in moe_layer expert_parallel input_pipeline train_step; do \
+	  if test -f benchmarks/$$b.py; then $(PY) benchmarks/$$b.py --out=$(BENCH_OUT)/$$b.json || exit 1; fi; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check multitask_moe tests benchmarks configs
