@@ -1,0 +1,71 @@
+"""Experts: E two-layer MLPs stored as one stacked weight pair, run as batched matmuls.
+
+Shapes: E experts, D d_model, H d_hidden, G groups, C capacity, B rows per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r} is not allowed; allowed: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class Experts(nnx.Module):
+  """w_in [E, D, H], w_out [E, H, D]; expert e computes act(x @ w_in[e]) @ w_out[e]."""
+
+  def __init__(
+      self,
+      num_experts: int,
+      d_model: int,
+      d_hidden: int,
+      *,
+      activation: str = "gelu",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.activation = activation
+    self.act = activation_fn(activation)
+    self.dtype = dtype
+    # Per-expert fan-in init, as for E separate Dense layers.
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
+                                             out_axis=-1, batch_axis=(0,))
+    self.w_in = nnx.Param(init(rngs.params(), (num_experts, d_model, d_hidden), param_dtype))
+    self.w_out = nnx.Param(init(rngs.params(), (num_experts, d_hidden, d_model), param_dtype))
+
+  @property
+  def num_experts(self) -> int:
+    return self.w_in.shape[0]
+
+  def __call__(self, slots: jax.Array) -> jax.Array:
+    """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group."""
+    w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+    hidden = self.act(jnp.einsum("gecd,edh->gech", slots.astype(self.dtype), w_in))
+    return jnp.einsum("gech,ehd->gecd", hidden, w_out)
+
+  def one_expert(self, rows: jax.Array, *, expert: jax.Array) -> jax.Array:
+    """rows [B, D] through expert `expert` (a traced index) -> [B, D]."""
+    w_in = jax.lax.dynamic_index_in_dim(self.w_in[...], expert, keepdims=False)
+    w_out = jax.lax.dynamic_index_in_dim(self.w_out[...], expert, keepdims=False)
+    hidden = self.act(rows.astype(self.dtype) @ w_in.astype(self.dtype))
+    return hidden @ w_out.astype(self.dtype)
+
+  def dense(self, x: jax.Array) -> jax.Array:
+    """Every token through every expert, summed: x [..., D] -> [..., D] (shared experts)."""
+    w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+    hidden = self.act(jnp.einsum("...d,edh->...eh", x.astype(self.dtype), w_in))
+    return jnp.einsum("...eh,ehd->...d", hidden, w_out)
