@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import moe_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
 
 import multitask_moe as mtm
-import moe_reference as ref
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import moe_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
 
 import multitask_moe as mtm
 from multitask_moe.moe import plan as plan_lib
-import moe_reference as ref
 
 ROUTINGS = ["tokens", "experts", "task", "task_tokens", "per_task"]
 D, H, E, K, T = 8, 16, 4, 2, 3

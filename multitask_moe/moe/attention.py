@@ -19,6 +19,7 @@ from flax import nnx
 from multitask_moe.moe import losses
 from multitask_moe.moe.layer import _check_input, _check_positive_int, token_task_ids
 from multitask_moe.moe.routing import Router, routing_kind
+from multitask_moe.parallel.sharding import expert_param
 
 
 class MoA(nnx.Module):
@@ -62,10 +63,11 @@ class MoA(nnx.Module):
                          noise_std=router_noise, rngs=rngs)
     fan_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                                out_axis=-1, batch_axis=(0,))
-    self.w_query = nnx.Param(fan_in(rngs.params(), (num_experts, d_model, head_dim),
-                                    param_dtype))
-    self.w_out = nnx.Param(fan_in(rngs.params(), (num_experts, head_dim, d_model),
-                                  param_dtype))
+    # Sharded over the mesh's 'expert' axis from creation when built under jax.set_mesh.
+    self.w_query = expert_param(fan_in, rngs.params(), (num_experts, d_model, head_dim),
+                                param_dtype)
+    self.w_out = expert_param(fan_in, rngs.params(), (num_experts, head_dim, d_model),
+                              param_dtype)
     self.w_kv = nnx.Param(nnx.initializers.lecun_normal()(
         rngs.params(), (d_model, 2 * head_dim), param_dtype))
 
@@ -79,6 +81,10 @@ class MoA(nnx.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, L, D]; mask [B, L] True for real tokens (keys outside it are ignored)."""
     deterministic = self.deterministic if deterministic is None else deterministic
+    from multitask_moe.parallel import expert_parallel  # lazy: it imports this package
+
+    if expert_parallel.active_mesh() is not None:
+      return expert_parallel.moa_forward(self, x, task_ids, mask, deterministic)
     batch, length = _check_input(x, self.d_model)
     token_tasks = token_task_ids(task_ids, batch, length, self.num_tasks, self.routing,
                                  self.kind.needs_tasks)
@@ -97,14 +103,8 @@ class MoA(nnx.Module):
     # [B, L, E, H] is far smaller than gathering a [D, H] projection per token and choice.
     all_queries = jnp.einsum("bld,edh->bleh", x_c, w_query)
     queries = jnp.take_along_axis(all_queries, experts[..., None], axis=2)  # [B, L, K, H]
-    scores = jnp.einsum("blkh,bmh->blkm", queries, keys) / jnp.sqrt(
-        jnp.asarray(self.head_dim, self.dtype))
     allowed = self._allowed(mask, batch, length)  # [B, L, M]
-    scores = jnp.where(allowed[:, :, None, :], scores.astype(jnp.float32), -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1)
-    # A query with no allowed key (all padding) attends to nothing, not to NaN.
-    weights = jnp.where(allowed.any(-1)[:, :, None, None], weights, 0.0).astype(self.dtype)
-    heads = jnp.einsum("blkm,bmh->blkh", weights, values)  # [B, L, K, H]
+    heads = attend(queries, keys, values, allowed, self.head_dim, self.dtype)  # [B, L, K, H]
     # Place each gated head in its expert's slot, then one output projection per expert.
     expert_one_hot = jax.nn.one_hot(experts, self.num_experts, dtype=self.dtype)  # [B,L,K,E]
     per_expert = jnp.einsum("blkh,blk,blke->bleh", heads, gates.astype(self.dtype),
@@ -131,3 +131,18 @@ class MoA(nnx.Module):
     if self.causal:
       allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None]
     return allowed
+
+
+def attend(queries: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,
+           head_dim: int, dtype) -> jax.Array:
+  """queries [B, L, K, H], keys/values [B, M, H], allowed [B, L, M] -> heads [B, L, K, H].
+
+  Shared with the expert-parallel MoA (multitask_moe.parallel.expert_parallel).
+  """
+  scores = jnp.einsum("blkh,bmh->blkm", queries, keys) / jnp.sqrt(
+      jnp.asarray(head_dim, dtype))
+  scores = jnp.where(allowed[:, :, None, :], scores.astype(jnp.float32), -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1)
+  # A query with no allowed key (all padding) attends to nothing, not to NaN.
+  weights = jnp.where(allowed.any(-1)[:, :, None, None], weights, 0.0).astype(dtype)
+  return jnp.einsum("blkm,bmh->blkh", weights, values)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from multitask_moe.parallel.sharding import expert_param
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": jax.nn.gelu,
     "relu": jax.nn.relu,
@@ -36,6 +38,7 @@ class Experts(nnx.Module):
       activation: str = "gelu",
       dtype=jnp.float32,
       param_dtype=jnp.float32,
+      sharded: bool = True,
       rngs: nnx.Rngs,
   ):
     self.activation = activation
@@ -44,8 +47,11 @@ class Experts(nnx.Module):
     # Per-expert fan-in init, as for E separate Dense layers.
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                              out_axis=-1, batch_axis=(0,))
-    self.w_in = nnx.Param(init(rngs.params(), (num_experts, d_model, d_hidden), param_dtype))
-    self.w_out = nnx.Param(init(rngs.params(), (num_experts, d_hidden, d_model), param_dtype))
+    # Routed experts are sharded over the mesh's 'expert' axis from creation when built
+    # under jax.set_mesh; shared experts (sharded=False) serve every token: replicated.
+    make = expert_param if sharded else (lambda init, *args: nnx.Param(init(*args)))
+    self.w_in = make(init, rngs.params(), (num_experts, d_model, d_hidden), param_dtype)
+    self.w_out = make(init, rngs.params(), (num_experts, d_hidden, d_model), param_dtype)
 
   @property
   def num_experts(self) -> int:

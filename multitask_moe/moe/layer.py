@@ -106,7 +106,7 @@ class MoE(nnx.Module):
                            param_dtype=param_dtype, rngs=rngs)
     self.shared_experts = (
         Experts(num_shared_experts, d_model, d_hidden, activation=activation, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs)
+                param_dtype=param_dtype, sharded=False, rngs=rngs)
         if num_shared_experts else nnx.data(None))
 
   def __call__(
@@ -118,6 +118,10 @@ class MoE(nnx.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, L, D], task_ids [B] int32 -> (y [B, L, D], aux)."""
     deterministic = self.deterministic if deterministic is None else deterministic
+    from multitask_moe.parallel import expert_parallel  # lazy: it imports this package
+
+    if expert_parallel.active_mesh() is not None:
+      return expert_parallel.moe_forward(self, x, task_ids, deterministic)
     batch, length = _check_input(x, self.d_model)
     token_tasks = self._token_tasks(task_ids, batch, length)  # [N] or None
     num_tokens = batch * length
