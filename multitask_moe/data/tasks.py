@@ -1,0 +1,344 @@
+"""The task registry: embedded tasks by name, and any TFDS image classification dataset.
+
+A `Task` names its TFDS source (builder name with config and version, data_dir, and the
+TFDS split behind each of our splits "train", "validation", "test"), its label space, its
+input modality and its metric, and turns a split into a tf.data.Dataset of tokens.
+
+Data never comes from the network: embedded tasks are built locally on first use (see
+`embedded.py`); a TFDS dataset must already be prepared in data_dir (download=False,
+try_gcs=False), otherwise `DatasetNotPreparedError` says how to prepare it.
+
+TFDS splits of a TFDS image dataset: train = "train"; test = "test", or "validation" when
+the dataset has no "test"; validation = "validation" when it is not already the test split,
+else the last VALIDATION_FRACTION of "train" (which then loses those examples).
+
+Embedded names come first: "iris" is the embedded scikit-learn task, not TFDS's "iris"
+(which is tabular and so not a TFDS task this registry accepts anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from multitask_moe.data import sources
+
+SPLITS = sources.SPLITS
+MODALITIES = ("image", "tabular")
+VALIDATION_FRACTION = 0.1
+DATA_DIR_ENV = "MTM_DATA_DIR"
+_TFDS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./:*+-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedSource:
+    """Where an embedded task comes from: TFDS builder name, builder config, modality."""
+
+    builder: str
+    config: str
+    modality: str
+
+
+EMBEDDED_TASKS: dict[str, EmbeddedSource] = {
+    **{
+        f"digits/{config}": EmbeddedSource("mtm_digits", config, "image")
+        for config in ("class", "parity", "rotated", "lowres")
+    },
+    **{name: EmbeddedSource("mtm_tabular", name, "tabular") for name in sources.TABULAR_LOADERS},
+    **{
+        f"synthetic/{name}": EmbeddedSource("mtm_synthetic", name, "tabular")
+        for name in sources.SYNTHETIC_NAMES
+    },
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS dataset is not in data_dir, and nothing is ever downloaded."""
+
+
+def default_data_dir() -> str:
+    """$MTM_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    path = os.environ.get(DATA_DIR_ENV) or os.environ.get("TFDS_DATA_DIR")
+    return os.path.expanduser(path or "~/tensorflow_datasets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A classification task and where its data comes from.
+
+    Attributes:
+      name: registry name ("digits/parity", "wine", "cifar10", ...).
+      num_classes: labels are 0 .. num_classes - 1.
+      modality: "image" (tokens are patches) or "tabular" (one token per feature).
+      tfds_name: TFDS builder name with config and version, e.g. "mtm_digits/class:1.0.0".
+      data_dir: where the TFDS data lives.
+      splits: our split name -> TFDS split string, e.g. {"validation": "train[45000:]"}.
+      input_key, label_key: the TFDS feature names of input and label.
+      input_shape: (H, W, C) for images (H, W may be None), (F,) for tabular data.
+      feature_mean, feature_std: train-split statistics [F] (tabular only).
+      embedded: built locally by this package (True) or an external TFDS dataset.
+      metric: how the task is scored.
+    """
+
+    name: str
+    num_classes: int
+    modality: str
+    tfds_name: str
+    data_dir: str
+    splits: Mapping[str, str]
+    input_key: str
+    label_key: str
+    input_shape: tuple[int | None, ...]
+    feature_mean: tuple[float, ...] | None = None
+    feature_std: tuple[float, ...] | None = None
+    embedded: bool = False
+    metric: str = "accuracy"
+
+    def __hash__(self) -> int:  # `splits` is a dict; these fields identify a task
+        return hash((self.name, self.tfds_name, self.data_dir))
+
+    def tfds_split(self, split: str) -> str:
+        """The TFDS split string behind our `split`; ValueError if the task lacks it."""
+        if split not in self.splits:
+            raise ValueError(
+                f"Task {self.name!r} has no split {split!r}; allowed: {sorted(self.splits)}."
+            )
+        return self.splits[split]
+
+    def builder(self) -> Any:
+        """A TFDS builder for reading the prepared data (never downloads)."""
+        import tensorflow_datasets as tfds
+
+        if self.embedded:
+            from multitask_moe.data import embedded  # noqa: F401  (registers the builders)
+        return tfds.builder(self.tfds_name, data_dir=self.data_dir, try_gcs=False)
+
+    def num_examples(self, split: str) -> int:
+        """Examples in the whole split (all processes together)."""
+        dataset = self.builder().as_dataset(split=self.tfds_split(split))
+        return int(dataset.cardinality())
+
+    def num_tokens(self, image_size: int, patch_size: int) -> int:
+        """Tokens per example: (image_size / patch_size)^2 patches, or F features."""
+        if self.modality == "image":
+            return (image_size // patch_size) ** 2
+        return self.input_shape[0]
+
+    def token_dim(self, image_size: int, patch_size: int) -> int:
+        """Features per token: patch_size^2 * channels, or 1 for tabular data."""
+        del image_size
+        if self.modality == "image":
+            return patch_size * patch_size * self.input_shape[-1]
+        return 1
+
+    def dataset(
+        self,
+        split: str,
+        *,
+        image_size: int,
+        patch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Any:
+        """tf.data.Dataset of {"tokens": float32 [n, d], "label": int32 []} in stored order.
+
+        n, d = num_tokens(...), token_dim(...). With process_count > 1 only this process's
+        shard (tfds.even_splits, sizes differ by at most one) is read.
+        """
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        from multitask_moe.data import preprocess
+
+        check_image_layout(image_size, patch_size)
+        check_process(process_index, process_count)
+        tfds_split = self.tfds_split(split)
+        if process_count > 1:
+            tfds_split = tfds.even_splits(tfds_split, n=process_count, drop_remainder=False)[
+                process_index
+            ]
+        source = self.builder().as_dataset(
+            split=tfds_split,
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        if self.modality == "image":
+
+            def to_tokens(inputs):
+                return preprocess.image_tokens(inputs, image_size, patch_size)
+
+        else:
+            mean = np.asarray(self.feature_mean, np.float32)
+            std = np.asarray(self.feature_std, np.float32)
+
+            def to_tokens(inputs):
+                return preprocess.tabular_tokens(inputs, mean, std)
+
+        def convert(example):
+            return {
+                "tokens": to_tokens(example[self.input_key]),
+                "label": tf.cast(example[self.label_key], tf.int32),
+            }
+
+        return source.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def check_image_layout(image_size: int, patch_size: int) -> None:
+    """Raise ValueError unless patch_size divides image_size (both positive ints)."""
+    for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if image_size % patch_size:
+        raise ValueError(
+            f"patch_size={patch_size} must divide image_size={image_size} "
+            "(patches are non-overlapping)."
+        )
+
+
+def check_process(process_index: int, process_count: int) -> None:
+    """ValueError unless 0 <= process_index < process_count."""
+    if not isinstance(process_count, int | np.integer) or process_count < 1:
+        raise ValueError(f"process_count must be an int >= 1, got {process_count!r}.")
+    if not isinstance(process_index, int | np.integer) or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be an int in [0, {process_count}), got {process_index!r}."
+        )
+
+
+def _unknown_task_message(name: object) -> str:
+    return (
+        f"Unknown task {name!r}. Embedded tasks (built offline on first use): "
+        f"{', '.join(EMBEDDED_TASKS)}. Any TFDS image classification dataset also works "
+        "by its TFDS name (e.g. 'cifar10', 'mnist', 'oxford_flowers102', 'svhn_cropped', "
+        "optionally 'name/config:version') once it is prepared in data_dir."
+    )
+
+
+def get_task(name: str, data_dir: str | None = None) -> Task:
+    """The task called `name`: an embedded task (built on first use) or a TFDS dataset.
+
+    Args:
+      name: a key of EMBEDDED_TASKS or a TFDS image classification dataset name.
+      data_dir: TFDS data directory (local path or gs://...); default `default_data_dir()`.
+
+    Raises:
+      ValueError: unknown name, or a TFDS dataset that is not image classification.
+      DatasetNotPreparedError: a TFDS dataset that is not prepared in data_dir.
+    """
+    data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
+    if not isinstance(name, str) or not _TFDS_NAME.fullmatch(name):
+        raise ValueError(_unknown_task_message(name))
+    if name in EMBEDDED_TASKS:
+        return _embedded_task(name, data_dir)
+    return _tfds_image_task(name, data_dir)
+
+
+def _embedded_task(name: str, data_dir: str) -> Task:
+    from multitask_moe.data import embedded
+
+    spec = EMBEDDED_TASKS[name]
+    embedded.prepare(spec.builder, spec.config, data_dir)
+    builder = embedded.BUILDERS[spec.builder](config=spec.config, data_dir=data_dir)
+    info = builder.info
+    input_key, label_key = info.supervised_keys
+    mean = std = None
+    if spec.modality == "tabular":
+        mean = tuple(info.metadata["feature_mean"])
+        std = tuple(info.metadata["feature_std"])
+    return Task(
+        name=name,
+        num_classes=info.features[label_key].num_classes,
+        modality=spec.modality,
+        tfds_name=f"{spec.builder}/{spec.config}:{builder.version}",
+        data_dir=data_dir,
+        splits={split: split for split in SPLITS},
+        input_key=input_key,
+        label_key=label_key,
+        input_shape=tuple(info.features[input_key].shape),
+        feature_mean=mean,
+        feature_std=std,
+        embedded=True,
+    )
+
+
+def _tfds_image_task(name: str, data_dir: str) -> Task:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(_unknown_task_message(name)) from error
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(
+            f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and "
+            "multitask_moe never downloads (download=False, try_gcs=False). Prepare it once "
+            "on a machine with network access:\n"
+            f"  tfds build {builder.name} --data_dir={data_dir}\n"
+            "or in Python:\n"
+            f"  tfds.builder({name!r}, data_dir={data_dir!r}).download_and_prepare()\n"
+            "then copy that data_dir here (or point data_dir / $MTM_DATA_DIR at it)."
+        )
+    info = builder.info
+    keys = info.supervised_keys
+    input_key, label_key = keys if _is_key_pair(keys) else ("image", "label")
+    features = info.features
+    if not (
+        input_key in features
+        and label_key in features
+        and isinstance(features[input_key], tfds.features.Image)
+        and isinstance(features[label_key], tfds.features.ClassLabel)
+    ):
+        raise ValueError(
+            f"TFDS dataset {name!r} is not an image classification dataset: need an Image "
+            f"feature {input_key!r} and a ClassLabel feature {label_key!r}, got {features}."
+        )
+    shape = tuple(features[input_key].shape)
+    if shape[-1] is None:
+        raise ValueError(f"TFDS dataset {name!r} has images with unknown channels: {shape}.")
+    if features[input_key].np_dtype != np.uint8:  # the [-1, 1] scaling assumes 0..255
+        raise ValueError(
+            f"TFDS dataset {name!r} has {features[input_key].np_dtype} images; only uint8 "
+            "images are supported."
+        )
+    config = f"/{builder.builder_config.name}" if builder.builder_config else ""
+    return Task(
+        name=name,
+        num_classes=features[label_key].num_classes,
+        modality="image",
+        tfds_name=f"{builder.name}{config}:{builder.version}",
+        data_dir=data_dir,
+        splits=_tfds_splits(name, info.splits),
+        input_key=input_key,
+        label_key=label_key,
+        input_shape=shape,
+    )
+
+
+def _is_key_pair(keys: object) -> bool:
+    return isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
+
+
+def _tfds_splits(name: str, available: Mapping[str, Any]) -> dict[str, str]:
+    """Our splits -> TFDS split strings (rules in the module docstring)."""
+    names = set(available)
+    if "train" not in names:
+        raise ValueError(f"TFDS dataset {name!r} has no 'train' split (splits: {sorted(names)}).")
+    splits = {"train": "train"}
+    test = "test" if "test" in names else ("validation" if "validation" in names else None)
+    if "validation" in names and test != "validation":
+        splits["validation"] = "validation"
+    else:
+        n = available["train"].num_examples
+        held_out = max(1, round(VALIDATION_FRACTION * n))
+        if n - held_out < 1:
+            raise ValueError(f"TFDS dataset {name!r}: {n} train examples cannot give a validation.")
+        splits["train"] = f"train[:{n - held_out}]"
+        splits["validation"] = f"train[{n - held_out}:]"
+    if test is not None:
+        splits["test"] = test
+    return splits
