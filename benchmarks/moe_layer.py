@@ -23,15 +23,25 @@ import multitask_moe as mtm
 from multitask_moe.moe.experts import Experts
 
 
-def time_fn(fn, args, runs: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
+def time_against(baseline, baseline_args, fn, args, runs: int) -> tuple[float, float]:
+  """(median seconds of fn, median of per-pair time ratios fn / baseline).
+
+  Runs alternate with the baseline, so slow drifts in machine load (other processes on a
+  shared host) hit both sides of each ratio alike.
+  """
+  for _ in range(2):  # compile, then warm up
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(baseline(*baseline_args))
+  times, ratios = [], []
   for _ in range(runs):
     start = time.perf_counter()
+    jax.block_until_ready(baseline(*baseline_args))
+    middle = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    end = time.perf_counter()
+    times.append(end - middle)
+    ratios.append((end - middle) / (middle - start))
+  return statistics.median(times), statistics.median(ratios)
 
 
 def peak_bytes(fn, args) -> int:
@@ -81,22 +91,22 @@ def main() -> None:
 
   tokens, d, h, e, k = args.tokens, args.d_model, args.d_hidden, args.experts, args.top_k
   x = jax.random.normal(jax.random.key(0), (8, tokens // 8, d), jnp.float32)
-  step, params = fwd_bwd(DenseFFN(d, h * k, nnx.Rngs(0)))
-  dense_time = time_fn(step, (params, x), args.runs)
-  dense_mem = peak_bytes(step, (params, x))
+  dense_step, dense_params = fwd_bwd(DenseFFN(d, h * k, nnx.Rngs(0)))
+  dense = (dense_step, (dense_params, x))
+  dense_time, _ = time_against(*dense, *dense, args.runs)
   rows = [{"case": "dense FFN (hidden H*K)", "dispatch": "-", "capacity_factor": "-",
-           "seconds": dense_time, "ratio": 1.0, "peak_bytes": dense_mem}]
+           "seconds": dense_time, "ratio": 1.0, "peak_bytes": peak_bytes(*dense)}]
   for dispatch in ("index", "einsum"):
     for cf in (1.0, 1.25, None):
       group = args.einsum_dropless_group if (dispatch == "einsum" and cf is None) else None
       layer = mtm.MoE(d, h, e, k, routing="tokens", capacity_factor=cf, dispatch=dispatch,
                       group_size=group, rngs=nnx.Rngs(0))
       step, params = fwd_bwd(layer)
-      seconds = time_fn(step, (params, x), args.runs)
+      seconds, ratio = time_against(*dense, step, (params, x), args.runs)
       rows.append({
           "case": f"MoE E={e} K={k}" + (f" group={group}" if group else ""),
           "dispatch": dispatch, "capacity_factor": "dropless" if cf is None else cf,
-          "seconds": seconds, "ratio": seconds / dense_time,
+          "seconds": seconds, "ratio": ratio,
           "peak_bytes": peak_bytes(step, (params, x)),
       })
       print(f"  measured {rows[-1]['case']} {dispatch} cf={rows[-1]['capacity_factor']}",

@@ -60,7 +60,7 @@ class MoE(nnx.Module):
       batch_priority: bool = False,
       group_size: int | None = None,
       dispatch: str = "index",
-      dropless_block_size: int = 128,
+      dropless_block_size: int = 256,
       activation: str = "gelu",
       dtype=jnp.float32,
       param_dtype=jnp.float32,

@@ -49,6 +49,14 @@ class Plan:
     empty = self.row_assign >= num_choices * group_size
     return jnp.where(empty, group_size, self.row_assign % group_size)
 
+  @property
+  def row_gate(self) -> jax.Array:
+    """[G, R]: the gate of the choice in each row; 0 for an empty row."""
+    num_groups, num_choices, group_size = self.token_rows.shape
+    flat_gates = self.token_gates.reshape(num_groups, num_choices * group_size)
+    return jnp.take_along_axis(flat_gates, self.row_assign, axis=1, mode="fill",
+                               fill_value=0)
+
 
 def capacity(capacity_factor: float, group_size: int, top_k: int, num_experts: int) -> int:
   """C = ceil(cf * tokens_per_group * K / E), at least 1 and at most tokens_per_group."""
