@@ -10,9 +10,6 @@ Shape legend: see plan.py (G groups, S tokens per group, R slot rows, J choices,
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
@@ -113,28 +110,3 @@ def _dispatch_mask(plan: Plan, dtype) -> jax.Array:
   """[G, S, R] one-hot: 1 where token s fills row r."""
   one_hot = jax.nn.one_hot(plan.token_rows, plan.num_rows, dtype=dtype)  # [G, J, S, R]
   return jnp.sum(one_hot, axis=1)
-
-
-def run_blocks(
-    rows: jax.Array,
-    plan: Plan,
-    expert_fn: Callable[[jax.Array, jax.Array], jax.Array],
-) -> jax.Array:
-  """Dropless layout: rows [R, D] in blocks of one expert each -> expert outputs [R, D].
-
-  A scan over blocks, each one [block, D] x [D, H] matmul pair with that block's expert
-  weights sliced in place (the weights are never gathered per block). Empty trailing
-  blocks of the static bound are skipped by a cond, so padding costs at most one partial
-  block per expert.
-  """
-  block = plan.block_size
-  blocks = rows.reshape(-1, block, rows.shape[-1])  # [NB, B, D]
-
-  def step(_, block_input):
-    x_block, expert, used = block_input
-    y_block = jax.lax.cond(
-        used, partial(expert_fn, expert=expert), jnp.zeros_like, x_block)
-    return None, y_block
-
-  _, out = jax.lax.scan(step, None, (blocks, plan.block_expert, plan.block_used))
-  return out.reshape(rows.shape)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from multitask_moe.moe.grouped import grouped_mlp
 from multitask_moe.parallel.sharding import expert_param
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -63,12 +64,11 @@ class Experts(nnx.Module):
     hidden = self.act(jnp.einsum("gecd,edh->gech", slots.astype(self.dtype), w_in))
     return jnp.einsum("gech,ehd->gecd", hidden, w_out)
 
-  def one_expert(self, rows: jax.Array, *, expert: jax.Array) -> jax.Array:
-    """rows [B, D] through expert `expert` (a traced index) -> [B, D]."""
-    w_in = jax.lax.dynamic_index_in_dim(self.w_in[...], expert, keepdims=False)
-    w_out = jax.lax.dynamic_index_in_dim(self.w_out[...], expert, keepdims=False)
-    hidden = self.act(rows.astype(self.dtype) @ w_in.astype(self.dtype))
-    return hidden @ w_out.astype(self.dtype)
+  def grouped(self, rows: jax.Array, block_bounds: jax.Array, block: int) -> jax.Array:
+    """Dropless: rows [R, D] sorted by expert in blocks of `block` -> [R, D] (grouped.py)."""
+    return grouped_mlp(self.act, block, rows.astype(self.dtype),
+                       self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype),
+                       block_bounds)
 
   def dense(self, x: jax.Array) -> jax.Array:
     """Every token through every expert, summed: x [..., D] -> [..., D] (shared experts)."""

@@ -172,7 +172,7 @@ class MoE(nnx.Module):
     if routing_plan.block_size:  # dropless layout: all tokens in one sorted group
       tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]
       rows = dispatch_lib.dispatch(tokens, routing_plan, "index")[0]  # [R, D]
-      out = dispatch_lib.run_blocks(rows, routing_plan, self.experts.one_expert)
+      out = self.experts.grouped(rows, routing_plan.block_bounds, routing_plan.block_size)
       return dispatch_lib.combine(out[None], routing_plan, "index").reshape(groups.shape)
     num_groups = groups.shape[0]
     rows = dispatch_lib.dispatch(groups, routing_plan, self.dispatch)  # [G, E * C, D]

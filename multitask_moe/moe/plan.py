@@ -31,10 +31,9 @@ class Plan:
   token_gates: jax.Array  # [G, J, S] float32
   kept: jax.Array  # [G, S, E] float32: 1 where token s is processed by expert e
   chosen: jax.Array  # [G, S, E] float32: 1 where the router picked e for s (before capacity)
-  # Dropless layout only: the expert of each block of `block_size` rows, and whether the
-  # block holds any token (trailing blocks of the static bound are empty).
-  block_expert: jax.Array | None = None  # [NB] int32
-  block_used: jax.Array | None = None  # [NB] bool
+  # Dropless layout only: expert e owns blocks [block_bounds[e], block_bounds[e + 1]) of
+  # `block_size` rows; blocks past block_bounds[E] (the static bound's slack) are empty.
+  block_bounds: jax.Array | None = None  # [E + 1] int32
   capacity: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=0)
 
@@ -163,9 +162,7 @@ def dropless_token_choice(
   num_blocks = -(-bound // block_size)
   num_rows = num_blocks * block_size
   token_rows = (starts[flat_experts[0]] + position).reshape(1, top_k, num_tokens)
-  block_start = jnp.arange(num_blocks) * block_size  # [NB]
-  block_expert = jnp.sum(ends[None, :] <= block_start[:, None], axis=1)
-  block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+  block_bounds = jnp.concatenate([jnp.zeros(1, ends.dtype), ends]) // block_size
   everything = jnp.ones(experts_ks.shape, bool)
   return Plan(
       row_assign=_invert(token_rows, num_rows),
@@ -173,8 +170,7 @@ def dropless_token_choice(
       token_gates=gates.transpose(0, 2, 1),
       kept=_choice_mask(experts_ks, everything, num_experts),
       chosen=_choice_mask(experts_ks, everything, num_experts),
-      block_expert=block_expert,
-      block_used=block_start < ends[-1],
+      block_bounds=block_bounds.astype(jnp.int32),
       block_size=block_size,
   )
 
