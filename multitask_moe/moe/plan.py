@@ -81,19 +81,19 @@ def token_choice(
   gates, experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  experts_ks = experts.transpose(0, 2, 1)  # [G, K, S] k-major
   if batch_priority:
     order = jnp.argsort(-gates[..., 0], axis=1, stable=True)  # [G, S] priority -> token
+    by_priority = jnp.take_along_axis(experts_ks, order[:, None, :], axis=2)  # [G, K, S]
   else:
-    order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
-  experts_by_priority = jnp.take_along_axis(experts, order[..., None], axis=1)  # [G, S, K]
-  experts_by_priority = experts_by_priority.transpose(0, 2, 1)  # [G, K, S] k-major
+    by_priority = experts_ks
   position = _position_in_expert(
-      experts_by_priority.reshape(num_groups, top_k * group_size), num_experts)
+      by_priority.reshape(num_groups, top_k * group_size), num_experts)
   position = position.reshape(num_groups, top_k, group_size)  # [G, K, S] in priority order
-  # Back to token order: the token at priority p is order[p].
-  rank_of_token = jnp.argsort(order, axis=1)  # [G, S]
-  position = jnp.take_along_axis(position, rank_of_token[:, None, :], axis=2)  # [G, K, S]
-  experts_ks = experts.transpose(0, 2, 1)  # [G, K, S]
+  if batch_priority:
+    # Back to token order: the token at priority p is order[p].
+    rank_of_token = jnp.argsort(order, axis=1)  # [G, S]
+    position = jnp.take_along_axis(position, rank_of_token[:, None, :], axis=2)
   is_kept = position < capacity
   num_rows = num_experts * capacity
   token_rows = jnp.where(is_kept, experts_ks * capacity + position, num_rows)
