@@ -73,11 +73,12 @@ def _combine_rows_fwd(rows, token_rows, token_gates, row_token, row_gate):
 
 def _combine_rows_bwd(residuals, d_out):
   rows, token_rows, row_token, row_gate = residuals
-  d_rows = row_gate[:, None] * _take(d_out, row_token)
-  # d gate[j, s] = <rows[token_rows[j, s]], d_out[s]>: recomputed, not stored, since the
-  # gathered [J, S, D] rows would double the layer's activation memory.
-  d_gates = jnp.stack([jnp.sum(_take(rows, token_rows[j]) * d_out, axis=-1)
-                       for j in range(token_rows.shape[0])])
+  d_out_of_row = _take(d_out, row_token)  # [R, D]: each row's reader's cotangent
+  d_rows = row_gate[:, None] * d_out_of_row
+  # d gate[j, s] = <rows[token_rows[j, s]], d_out[s]>: computed per row from the gather
+  # above, then moved to (j, s) as scalars, so the [R, D] rows are read only once more.
+  d_gate_of_row = jnp.sum(rows * d_out_of_row, axis=-1)  # [R]
+  d_gates = _take(d_gate_of_row[:, None], token_rows)[..., 0]  # [J, S]
   return d_rows, None, d_gates.astype(rows.dtype), None, None
 
 
