@@ -58,17 +58,29 @@ class Experts(nnx.Module):
   def num_experts(self) -> int:
     return self.w_in.shape[0]
 
-  def __call__(self, slots: jax.Array) -> jax.Array:
-    """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group."""
+  def __call__(self, slots: jax.Array, *, tile: int = 256) -> jax.Array:
+    """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group.
+
+    Runs as a tiled grouped matmul over expert-major rows (grouped.py).
+    """
+    num_groups, num_experts, capacity, d_model = slots.shape
+    rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
+    run = num_groups * capacity
+    row_bounds = jnp.arange(num_experts + 1, dtype=jnp.int32) * run
+    out = self.grouped(rows, row_bounds, min(tile, run))
+    return out.reshape(num_experts, num_groups, capacity, d_model).transpose(1, 0, 2, 3)
+
+  def batched(self, slots: jax.Array) -> jax.Array:
+    """Same as __call__ as one batched einsum per matmul (the GShard / V-MoE form)."""
     w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
     hidden = self.act(jnp.einsum("gecd,edh->gech", slots.astype(self.dtype), w_in))
     return jnp.einsum("gech,ehd->gecd", hidden, w_out)
 
-  def grouped(self, rows: jax.Array, block_bounds: jax.Array, block: int) -> jax.Array:
-    """Dropless: rows [R, D] sorted by expert in blocks of `block` -> [R, D] (grouped.py)."""
-    return grouped_mlp(self.act, block, rows.astype(self.dtype),
+  def grouped(self, rows: jax.Array, row_bounds: jax.Array, tile: int) -> jax.Array:
+    """rows [R, D] sorted by expert, expert e in [row_bounds[e], row_bounds[e + 1])."""
+    return grouped_mlp(self.act, tile, rows.astype(self.dtype),
                        self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype),
-                       block_bounds)
+                       row_bounds)
 
   def dense(self, x: jax.Array) -> jax.Array:
     """Every token through every expert, summed: x [..., D] -> [..., D] (shared experts)."""

@@ -172,12 +172,15 @@ class MoE(nnx.Module):
     if routing_plan.block_size:  # dropless layout: all tokens in one sorted group
       tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]
       rows = dispatch_lib.dispatch(tokens, routing_plan, "index")[0]  # [R, D]
-      out = self.experts.grouped(rows, routing_plan.block_bounds, routing_plan.block_size)
+      out = self.experts.grouped(rows, routing_plan.block_bounds * routing_plan.block_size,
+                                 routing_plan.block_size)
       return dispatch_lib.combine(out[None], routing_plan, "index").reshape(groups.shape)
     num_groups = groups.shape[0]
     rows = dispatch_lib.dispatch(groups, routing_plan, self.dispatch)  # [G, E * C, D]
     slots = rows.reshape(num_groups, self.num_experts, routing_plan.capacity, self.d_model)
-    out = self.experts(slots).reshape(rows.shape)  # [G, E * C, D]
+    # The one-hot path keeps the batched-einsum experts: together they are the GShard form.
+    run_experts = self.experts if self.dispatch == "index" else self.experts.batched
+    out = run_experts(slots).reshape(rows.shape)  # [G, E * C, D]
     return dispatch_lib.combine(out, routing_plan, self.dispatch)
 
   def _group_size(self, num_tokens: int) -> int:
