@@ -63,6 +63,16 @@ def test_capacity_matches_reference_and_dispatches_agree(routing, inputs):
       outs["einsum"][1]["dropped_fraction"])
 
 
+def test_default_routing_group_is_one_sequence(inputs):
+  x, task_ids = inputs
+  layer = make("task_tokens", capacity_factor=0.75)
+  y, aux = layer(x, task_ids)
+  cap = plan_lib.capacity(0.75, LENGTH, K, E)
+  expected, kept = ref.moe_loop(layer, x, task_ids, capacity=cap, group_size=LENGTH)
+  assert kept.sum() < BATCH * LENGTH * K, "input does not overflow"
+  np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_known_overflow_drops_exactly():
   # A zero router gives every token the same probabilities; ties go to the lowest index,
   # so all 8 tokens choose experts 0 (first) and 1 (second). C = ceil(1.0 * 8 * 2 / 4) = 4:
@@ -83,7 +93,7 @@ def test_known_overflow_drops_exactly():
 
 def test_batch_priority_keeps_most_confident_tokens(inputs):
   x, _ = inputs
-  layer = make("tokens", capacity_factor=0.5, batch_priority=True)
+  layer = make("tokens", capacity_factor=0.5, batch_priority=True, group_size=BATCH * LENGTH)
   y, aux = layer(x)
   cap = plan_lib.capacity(0.5, BATCH * LENGTH, K, E)
   expected, kept = ref.moe_loop(layer, x, capacity=cap, batch_priority=True)

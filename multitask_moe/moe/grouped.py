@@ -53,9 +53,35 @@ def _tiles(row_bounds, e, tile):
   return start, num_tiles, first_row
 
 
+def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
+  """Zeros that vary over every mesh axis any of `like` varies over.
+
+  Inside shard_map, a loop carry must keep one type through the loop: a plain constant is
+  replicated while the loop body's results vary per device, and shard_map rejects the
+  mismatch. Selecting 0 against the inputs gives the zeros the inputs' variation (and
+  stays 0 even if an input holds NaN).
+  """
+  anchor = jnp.zeros((), dtype)
+  for array in like:
+    anchor = jnp.where(False, array.reshape(-1)[0].astype(dtype), anchor)
+  return jnp.broadcast_to(anchor, shape)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  return jax.typeof(x).mat.varying
+
+
+def _sum_to_variation_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
+  """Inside shard_map, a weight replicated over the batch axes gets per-device partial
+  gradients; their sum over those axes is its gradient (what autodiff's transpose of the
+  implicit broadcast would insert)."""
+  extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+  return jax.lax.psum(grad, extra) if extra else grad
+
+
 def _forward(act, tile, rows, w_in, w_out, row_bounds):
-  out = jnp.zeros_like(rows)
-  pre = jnp.zeros((rows.shape[0], w_in.shape[-1]), rows.dtype)  # pre-activations, for bwd
+  out = _zeros(rows.shape, rows.dtype, rows, w_in, w_out)
+  pre = _zeros((rows.shape[0], w_in.shape[-1]), rows.dtype, rows, w_in, w_out)  # kept for bwd
   for e in range(w_in.shape[0]):
     w1, w2 = w_in[e], w_out[e]
     _, num_tiles, first_row = _tiles(row_bounds, e, tile)
@@ -79,7 +105,7 @@ def _grouped_mlp_fwd(act, tile, rows, w_in, w_out, row_bounds):
 
 def _grouped_mlp_bwd(act, tile, residuals, d_out):
   rows, w_in, w_out, row_bounds, pre = residuals
-  d_rows = jnp.zeros_like(rows)
+  d_rows = _zeros(rows.shape, rows.dtype, rows, w_in, w_out, d_out)
   d_w_in, d_w_out = [], []
   for e in range(w_in.shape[0]):
     w1, w2 = w_in[e], w_out[e]
@@ -101,10 +127,14 @@ def _grouped_mlp_bwd(act, tile, residuals, d_out):
       return d_rows, d_w1, d_w2
 
     d_rows, d_w1, d_w2 = jax.lax.fori_loop(
-        0, num_tiles, body, (d_rows, jnp.zeros_like(w1), jnp.zeros_like(w2)))
+        0, num_tiles, body,
+        (d_rows, _zeros(w1.shape, w1.dtype, rows, w_in, w_out, d_out),
+         _zeros(w2.shape, w2.dtype, rows, w_in, w_out, d_out)))
     d_w_in.append(d_w1)
     d_w_out.append(d_w2)
-  return d_rows, jnp.stack(d_w_in), jnp.stack(d_w_out), None
+  return (_sum_to_variation_of(d_rows, rows),
+          _sum_to_variation_of(jnp.stack(d_w_in), w_in),
+          _sum_to_variation_of(jnp.stack(d_w_out), w_out), None)
 
 
 grouped_mlp.defvjp(_grouped_mlp_fwd, _grouped_mlp_bwd)

@@ -35,8 +35,8 @@ class MoE(nnx.Module):
     router_noise: std of Gaussian noise on the logits in training (rng stream "router").
     router_init: "normal" or "zeros" (Mod-Squad zero-initializes its routers).
     batch_priority: capacity goes to the tokens with the highest top gate first.
-    group_size: tokens per routing group (capacity is per group); None = all tokens of the
-      call form one group.
+    group_size: tokens per routing group (capacity is per group); None = one group per
+      sequence, which never straddles devices, so capacity drops are the same on any mesh.
     dispatch: "index" (gathers, default) or "einsum" (one-hot tensors, GShard style).
     dropless_block_size: rows per block of the dropless grouped matmul.
     deterministic: default mode; nnx's model.eval() / model.train() flip it.
@@ -125,7 +125,7 @@ class MoE(nnx.Module):
     batch, length = _check_input(x, self.d_model)
     token_tasks = self._token_tasks(task_ids, batch, length)  # [N] or None
     num_tokens = batch * length
-    group_size = self._group_size(num_tokens)
+    group_size = self.routing_group_size(batch, length)
     groups = x.reshape(num_tokens // group_size, group_size, self.d_model)  # [G, S, D]
     group_tasks = None if token_tasks is None else token_tasks.reshape(groups.shape[:2])
 
@@ -183,13 +183,18 @@ class MoE(nnx.Module):
     out = run_experts(slots).reshape(rows.shape)  # [G, E * C, D]
     return dispatch_lib.combine(out, routing_plan, self.dispatch)
 
-  def _group_size(self, num_tokens: int) -> int:
+  def routing_group_size(self, batch: int, length: int) -> int:
+    """Tokens per routing group: group_size, or one sequence when None.
+
+    A sequence never straddles devices (batches are split by example), so with the default
+    capacity is counted the same way on one device and on any mesh.
+    """
     if self.group_size is None:
-      return num_tokens
-    if num_tokens % self.group_size:
+      return length
+    if (batch * length) % self.group_size:
       raise ValueError(
           f"group_size={self.group_size} must divide the number of tokens batch * length = "
-          f"{num_tokens}")
+          f"{batch * length}")
     return self.group_size
 
   def _token_tasks(self, task_ids, batch: int, length: int) -> jax.Array | None:
