@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 CONFIG ?= configs/default.py
+ARGS ?=
 BENCH_OUT ?= benchmarks/results
 
 .PHONY: install train test bench lint clean
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 train: install
-	$(PY) -m multitask_moe.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m multitask_moe.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -1,5 +1,6 @@
 """Aux losses against hand-computed values (PAPERS.md formulas written out in numpy)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,3 +80,9 @@ def test_dropped_fraction_definitions(choice):
   aux = losses.aux_from_stats(stats_for(np.zeros((3, 2)), kept, chosen), choice=choice)
   # tokens: 2 of 4 chosen assignments kept; experts: 1 of 3 tokens got no expert.
   np.testing.assert_allclose(aux["dropped_fraction"], 0.5 if choice == "tokens" else 1 / 3)
+
+
+def test_mutual_information_gradient_is_finite_with_an_absent_task():
+  # Task 2 has no tokens in the batch: its row of S is 0.
+  grad = jax.grad(losses.mutual_info_loss)(jnp.array([[1.0, 2.0], [3.0, 0.5], [0.0, 0.0]]))
+  assert bool(jnp.all(jnp.isfinite(grad)))

@@ -50,9 +50,13 @@ def mutual_info_loss(task_prob_sum: jax.Array) -> jax.Array:
   joint = task_prob_sum / jnp.sum(task_prob_sum)
   p_task = jnp.sum(joint, axis=1, keepdims=True)  # [T, 1]
   p_expert = jnp.sum(joint, axis=0, keepdims=True)  # [1, E]
-  # Tasks absent from the batch have P(t) = 0 and contribute 0 (0 * log(0 + eps)).
-  ratio = joint / jnp.maximum(p_task * p_expert, jnp.finfo(jnp.float32).tiny)
-  return -jnp.sum(joint * jnp.log(ratio + MI_EPS))
+  # Tasks absent from the batch have P(t) = 0 and their cells contribute 0 (0 * log(eps)).
+  # Both wheres keep the gradient finite there: a clamped denominator (tiny^2 underflows
+  # to 0) would put 0 / 0 into the backward pass even though the value is fine.
+  independent = p_task * p_expert
+  safe = jnp.where(independent > 0, independent, 1.0)
+  terms = jnp.where(joint > 0, joint * jnp.log(joint / safe + MI_EPS), 0.0)
+  return -jnp.sum(terms)
 
 
 def aux_from_stats(stats: dict[str, jax.Array], *, choice: str) -> dict[str, jax.Array]:

@@ -1,0 +1,25 @@
+"""Multitask transformer built from the MoE / MoA layers.
+
+    from multitask_moe import models
+    model = models.model_from_config(config.model, task_num_classes=[10, 3],
+                                     task_modalities=["image", "tabular"],
+                                     token_shape=(30, 4), rngs=nnx.Rngs(0))
+    logits, aux = model(inputs, mask, task_ids, deterministic=False)
+"""
+
+from multitask_moe.models.blocks import Block, MoASettings, MoESettings
+from multitask_moe.models.build import DTYPES, model_from_config
+from multitask_moe.models.model import INVALID_CLASS_LOGIT, MultitaskTransformer
+from multitask_moe.models.stems import MODALITIES, MultiModalStem
+
+__all__ = [
+    "DTYPES",
+    "INVALID_CLASS_LOGIT",
+    "MODALITIES",
+    "Block",
+    "MoASettings",
+    "MoESettings",
+    "MultiModalStem",
+    "MultitaskTransformer",
+    "model_from_config",
+]

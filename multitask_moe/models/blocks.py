@@ -1,0 +1,159 @@
+"""Pre-LN transformer blocks whose attention and MLP are dense or sparse (MoA / MoE).
+
+Every sub-layer has one call shape, `y, aux = layer(x, task_ids=..., mask=...,
+deterministic=...)`, with aux None for the dense ones, so a block does not branch on
+which kind it holds: swapping a dense MLP for an MoE is a constructor choice only.
+
+Shape legend: B batch, L tokens, D d_model, H attention heads, T tasks, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from multitask_moe.moe import MoA, MoE
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESettings:
+    """The sparse MLP of the MoE blocks (arguments of `multitask_moe.MoE`).
+
+    expert_dim: hidden size of one expert. With top_k experts per token the active MLP
+    compute equals a dense MLP of hidden size top_k * expert_dim (Mod-Squad's r*D/K).
+    """
+
+    num_experts: int
+    top_k: int
+    expert_dim: int
+    routing: str = "tokens"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    num_shared_experts: int = 0
+    renormalize_gates: bool = False
+    router_noise: float = 0.0
+    router_init: str = "normal"
+    batch_priority: bool = False
+    group_size: int | None = None
+    dispatch: str = "index"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoASettings:
+    """The mixture-of-attention-heads of the MoA blocks (arguments of `multitask_moe.MoA`)."""
+
+    num_experts: int
+    top_k: int
+    head_dim: int
+    routing: str = "tokens"
+
+
+class DenseMLP(nnx.Module):
+    """D -> mlp_dim -> D with GELU; the dense counterpart of one MoE layer."""
+
+    def __init__(self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+
+    def __call__(self, x, *, task_ids, mask, deterministic):
+        del task_ids, mask, deterministic  # same call shape as the sparse layers
+        return self.fc_out(jax.nn.gelu(self.fc_in(x))), None  # [B, L, D]
+
+
+class SparseMLP(nnx.Module):
+    """`multitask_moe.MoE` in the block call shape."""
+
+    def __init__(self, d_model: int, settings: MoESettings, num_tasks: int, *, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.moe = MoE(
+            d_model, settings.expert_dim, settings.num_experts, settings.top_k,
+            routing=settings.routing, capacity_factor=settings.capacity_factor,
+            num_tasks=num_tasks, eval_capacity_factor=settings.eval_capacity_factor,
+            num_shared_experts=settings.num_shared_experts,
+            renormalize_gates=settings.renormalize_gates, router_noise=settings.router_noise,
+            router_init=settings.router_init, batch_priority=settings.batch_priority,
+            group_size=settings.group_size, dispatch=settings.dispatch, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, task_ids, mask, deterministic):
+        # The layer has no token mask: padding tokens are routed like real ones (they take
+        # capacity slots but are excluded from attention keys and from the pooled output).
+        del mask
+        return self.moe(x, task_ids, deterministic=deterministic)  # [B, L, D], aux
+
+
+class DenseAttention(nnx.Module):
+    """Multi-head self-attention over the real tokens (padding keys are masked out)."""
+
+    def __init__(self, d_model: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
+        self.attention = nnx.MultiHeadAttention(
+            num_heads, d_model, dtype=dtype, param_dtype=param_dtype, decode=False,
+            keep_rngs=False, rngs=rngs)
+
+    def __call__(self, x, *, task_ids, mask, deterministic):
+        del task_ids
+        # Key-only mask [B, 1, 1, L]: a padded query still attends somewhere (no all-masked
+        # softmax rows), and its output is dropped by the masked pooling anyway.
+        key_mask = mask[:, None, None, :]
+        return self.attention(x, mask=key_mask, deterministic=deterministic), None
+
+
+class SparseAttention(nnx.Module):
+    """`multitask_moe.MoA` (mixture of attention heads) in the block call shape."""
+
+    def __init__(self, d_model: int, settings: MoASettings, num_tasks: int, *, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.moa = MoA(d_model, settings.num_experts, settings.top_k, settings.head_dim,
+                       routing=settings.routing, num_tasks=num_tasks, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, task_ids, mask, deterministic):
+        return self.moa(x, task_ids, mask=mask, deterministic=deterministic)
+
+
+class Block(nnx.Module):
+    """x + attn(LN(x)); x + mlp(LN(x)). Returns (x [B, L, D], {"moa"|"moe": aux})."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        mlp_dim: int,
+        num_tasks: int,
+        *,
+        moe: MoESettings | None,
+        moa: MoASettings | None,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = nnx.LayerNorm(d_model, **kw)
+        self.attention = (
+            SparseAttention(d_model, moa, num_tasks, **kw) if moa is not None
+            else DenseAttention(d_model, num_heads, **kw))
+        self.mlp_norm = nnx.LayerNorm(d_model, **kw)
+        self.mlp = (
+            SparseMLP(d_model, moe, num_tasks, **kw) if moe is not None
+            else DenseMLP(d_model, mlp_dim, **kw))
+
+    def __call__(self, x: jax.Array, *, task_ids: jax.Array, mask: jax.Array,
+                 deterministic: bool) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+        aux = {}
+        kw = dict(task_ids=task_ids, mask=mask, deterministic=deterministic)
+        h, attn_aux = self.attention(self.attn_norm(x), **kw)
+        x = x + h.astype(x.dtype)
+        if attn_aux is not None:
+            aux["moa"] = attn_aux
+        h, mlp_aux = self.mlp(self.mlp_norm(x), **kw)
+        x = x + h.astype(x.dtype)
+        if mlp_aux is not None:
+            aux["moe"] = mlp_aux
+        return x, aux
+
+

@@ -1,0 +1,58 @@
+"""python -m multitask_moe.train --config=configs/default.py[:arg] --workdir=DIR [--config.k=v]
+
+Flag parsing only; the run is train.train_and_evaluate. A config that cannot run (bad
+flag, unknown key, unknown task, sizes that do not divide the mesh, ...) prints one
+`error:` line and exits with status 2 before anything is written to the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow (the input pipeline) reads this when it loads: keep its C++ INFO lines away.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from multitask_moe.train import runtime  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, configs/<name>.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics, plots; a run resumes from it.")
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        # TFDS logs every dataset it opens at INFO; the progress bar is the console output.
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        runtime.fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> overrides")
+    config = runtime.loaded_config(_CONFIG.value, flags.FLAGS["config"].serialize())
+    if not _WORKDIR.value:
+        runtime.fail("--workdir is required (e.g. --workdir=workdir/default)")
+    # Before anything touches a device: platform, simulated CPU devices, multi-host start.
+    runtime.configure_jax(config)
+
+    from multitask_moe.train import setup
+
+    try:
+        experiment = setup.prepare(config)  # every check, before the workdir is touched
+    except setup.ConfigError as error:
+        runtime.fail(str(error))
+
+    from multitask_moe.train import loop, train  # TensorFlow and Orbax load only now
+
+    try:
+        train.run(experiment, _WORKDIR.value)
+    except setup.ConfigError as error:  # e.g. a workdir whose checkpoint does not fit
+        runtime.fail(str(error))
+    except loop.NonFiniteLossError as error:
+        runtime.fail(str(error), status=1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=lambda argv: runtime.parse_flags(argv, flags.FLAGS))
+    sys.exit(0)

@@ -1,0 +1,156 @@
+"""The config schema every configs/*.py starts from, and the `:arg` parser.
+
+Configs are Python files whose `get_config(arg)` returns an ml_collections.ConfigDict
+(big_vision style). They start from `base_config()`, so every field exists in every config
+and `--config.<key>=value` overrides work the same way everywhere; an unknown key is an
+error, never a silently ignored setting.
+
+Fields that may be None (dropless capacity, no group size, default data_dir) are
+placeholders: set them to None in a config file or through its `:arg`; the command line
+can give them a value but cannot parse "None".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def _nullable(kind: type, value):
+    field = config_dict.placeholder(kind)
+    field.set(value)
+    return field
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a training config has, with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Runtime, applied by `python -m multitask_moe.train` before JAX starts.
+    c.platform = ""  # jax_platforms, e.g. "cpu"; "" lets JAX choose (TPU / GPU / CPU).
+    c.num_cpu_devices = 0  # > 0: simulate this many CPU devices (jax_num_cpu_devices).
+    c.distributed = "auto"  # parallel.initialize mode: auto | none | tpu | slurm | explicit.
+    # Mesh axis sizes (multitask_moe.parallel.make_mesh; -1 = the remaining devices).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.tasks = ""  # "name=weight, name=weight": the mixture (data.Mixture).
+    c.data.rate = "explicit"  # explicit | proportional | temperature
+    c.data.temperature = config_dict.placeholder(float)  # rate="temperature" only
+    c.data.cap = config_dict.placeholder(float)  # cap on scaled example counts (not explicit)
+    c.data.image_size = 8
+    c.data.patch_size = 2
+    c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default.
+    c.data.eval_split = "validation"  # periodic and final evaluation
+    c.data.test_split = "test"  # evaluated once at the end; "" = skip
+
+    c.task_weights = ""  # "name=weight" loss weights; unnamed tasks weigh 1.
+    c.batch_size = 64  # global, over all processes and devices
+    c.eval_batch_size = 128
+    c.num_train_steps = 1000
+    c.log_every_steps = 50
+    c.eval_every_steps = 500  # 0 = only at the end
+    c.checkpoint_every_steps = 500  # 0 = only at the end (and on SIGTERM)
+    c.keep_checkpoints = 3
+    # A non-finite loss or gradient norm stops the run (False) or skips that update (True).
+    c.skip_nonfinite_updates = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.optimizer.end_learning_rate_factor = 0.01  # cosine decays to lr * this
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.weight_decay = 1e-4  # on matrices only, not on biases, norms, embeddings
+    c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping
+
+    # Weights of the aux losses, summed over every MoE / MoA layer.
+    c.aux_loss = ml_collections.ConfigDict()
+    c.aux_loss.load_balance = 0.01
+    c.aux_loss.router_z = 0.001
+    c.aux_loss.mutual_info = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 64
+    c.model.depth = 4
+    c.model.num_heads = 4
+    c.model.mlp_dim = 128  # dense MLP hidden size
+    c.model.dtype = "float32"  # activations: float32 | bfloat16
+    c.model.param_dtype = "float32"
+    c.model.moe_every = 2  # MoE MLP in blocks i % moe_every == moe_every - 1; 0 = none
+    c.model.moa_every = 0  # MoA attention in blocks i % moa_every == 0; 0 = none
+    c.model.moe = ml_collections.ConfigDict()
+    c.model.moe.num_experts = 8
+    c.model.moe.top_k = 2
+    c.model.moe.expert_dim = 0  # 0: mlp_dim // top_k (active compute of one dense MLP)
+    c.model.moe.routing = "tokens"  # tokens | experts | task | task_tokens | per_task
+    c.model.moe.capacity_factor = _nullable(float, 1.25)  # None = dropless
+    c.model.moe.eval_capacity_factor = _nullable(float, 2.0)  # None = dropless
+    c.model.moe.num_shared_experts = 0
+    c.model.moe.renormalize_gates = False
+    c.model.moe.router_noise = 0.0
+    c.model.moe.router_init = "normal"  # normal | zeros
+    c.model.moe.batch_priority = False
+    # Tokens per routing group (capacity is per group). None: one group per device's share of
+    # a batch (setup.resolve_group_size), which is what expert parallelism needs.
+    c.model.moe.group_size = config_dict.placeholder(int)
+    c.model.moe.dispatch = "index"  # index | einsum
+    c.model.moa = ml_collections.ConfigDict()
+    c.model.moa.num_experts = 8
+    c.model.moa.top_k = 2
+    c.model.moa.head_dim = 16
+    c.model.moa.routing = "tokens"
+    c.model.moa.router_init = "normal"
+
+    c.progress_bar = True
+    c.write_plots = True
+    return c
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parses a config's `:arg` string, "k=v,k2=v2" (or "flag" for flag=True).
+
+    Each value takes the type of its default. Unknown keys raise ValueError listing the
+    known ones.
+    """
+    values = dict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r} in {arg!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            text = "True"
+        if isinstance(default, bool):
+            if text.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config arg {key}={text!r} must be true or false")
+            values[key] = text.strip().lower() in ("true", "1")
+        else:
+            values[key] = type(default)(text.strip())
+    return ml_collections.ConfigDict(values)
+
+
+def parse_weights(text: str, what: str) -> dict[str, float]:
+    """"a=1, b/c=0.5" -> {"a": 1.0, "b/c": 0.5}; `what` names the field in errors."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{what}: {item!r} is not of the form name=weight (in {text!r})")
+        if name in weights:
+            raise ValueError(f"{what}: task {name!r} is named twice (in {text!r})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: weight {value!r} of {name!r} is not a number") from None
+    return weights
+
+
+def format_weights(weights: Mapping[str, float]) -> str:
+    """Inverse of parse_weights."""
+    return ", ".join(f"{name}={weight:g}" for name, weight in weights.items())

@@ -1,0 +1,80 @@
+"""Evaluation over every example of each task's eval split, and the results table.
+
+The data pipeline pads the last batch of each task and marks real examples with `valid`;
+the eval step sums only those, so each example counts exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from multitask_moe.train.metrics import per_task_eval
+from multitask_moe.train.setup import EVAL_KEYS, TRAIN_KEYS  # noqa: F401 (re-exported)
+from multitask_moe.train.step import sum_trees
+
+
+def global_batch(local: Mapping[str, np.ndarray], keys: Sequence[str],
+                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """This process's slice of the global batch -> global arrays sharded over the batch."""
+    missing = [key for key in keys if key not in local]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; it has {sorted(local)}")
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
+            for key in keys}
+
+
+def evaluate(
+    eval_step: Callable[[dict, dict], dict],
+    state: dict,
+    batches: Iterable[tuple[int, Mapping[str, np.ndarray]]],
+    sharding: jax.sharding.NamedSharding,
+    task_names: Sequence[str],
+    sparse_layers: Sequence[str],
+    prefix: str,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Runs eval_step over `batches` (data.Mixture.eval_batches).
+
+    Returns (`<prefix>/<task>/accuracy|loss` scalars, {layer: task x expert token counts
+    [T, E]}). Sums stay on device until the end: one host transfer per evaluation.
+    """
+    total = None
+    for _, batch in batches:
+        total = sum_trees(total, eval_step(state, global_batch(batch, EVAL_KEYS, sharding)))
+    if total is None:
+        raise ValueError(f"the {prefix} split yielded no batches")
+    total = jax.device_get(total)
+    counts = {layer: np.asarray(total[f"{layer}/task_expert_counts"]) for layer in sparse_layers}
+    return per_task_eval(total, task_names, prefix), counts
+
+
+def results_table(
+    task_names: Sequence[str],
+    task_num_classes: Sequence[int],
+    task_modalities: Sequence[str],
+    splits: Mapping[str, Mapping[str, float]],
+) -> str:
+    """Per-task text table: modality, classes, chance, accuracy/loss for each split."""
+    header = ["task", "modality", "classes", "chance"]
+    for split in splits:
+        header += [f"{split} acc", f"{split} loss"]
+    rows = []
+    for name, classes, modality in zip(task_names, task_num_classes, task_modalities,
+                                       strict=True):
+        row = [name, modality, str(classes), f"{1.0 / classes:.3f}"]
+        for split, scalars in splits.items():
+            row += [f"{scalars[f'{split}/{name}/accuracy']:.3f}",
+                    f"{scalars[f'{split}/{name}/loss']:.3f}"]
+        rows.append(row)
+    mean = ["mean", "", "", f"{np.mean([1.0 / c for c in task_num_classes]):.3f}"]
+    for split, scalars in splits.items():
+        mean += [f"{scalars[f'{split}/mean_accuracy']:.3f}", ""]
+    rows.append(mean)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True))
+             for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Everything a run needs that follows from its config, checked before anything is written.
+
+`prepare(config)` validates the config, builds the mesh, the task mixture and the
+abstract train state, and raises ConfigError (one clear line) on any problem, before the
+workdir is touched: a bad config leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from multitask_moe import data, models, parallel
+from multitask_moe.train import config_lib
+from multitask_moe.train.state import StateSpec, make_optimizer, state_spec
+from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_eval_step, make_train_step
+
+TRAIN_KEYS = ("inputs", "mask", "label", "task_id")
+EVAL_KEYS = TRAIN_KEYS + ("valid",)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """The resolved pieces of one run: compiled steps, no state yet, nothing written."""
+
+    config: ml_collections.ConfigDict  # resolved (e.g. the routing group size filled in)
+    mesh: jax.sharding.Mesh
+    mixture: data.Mixture
+    task_names: tuple[str, ...]
+    task_num_classes: tuple[int, ...]
+    task_modalities: tuple[str, ...]
+    token_shape: tuple[int, int]
+    model: Model
+    train_step: Callable  # compiled: (state, batch) -> (state, metrics)
+    eval_step: Callable  # compiled: (state, batch) -> per-task sums
+    compile_seconds: float  # of the train step
+
+
+def _check_int(config, name: str, minimum: int) -> None:
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Step counts, intervals and sizes."""
+    for name, minimum in (("num_train_steps", 0), ("batch_size", 1), ("eval_batch_size", 1),
+                          ("log_every_steps", 1), ("eval_every_steps", 0),
+                          ("checkpoint_every_steps", 0), ("keep_checkpoints", 1)):
+        _check_int(config, name, minimum)
+    if not config.optimizer.learning_rate > 0:
+        raise ConfigError(f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+    for name in AUX_LOSSES:
+        if config.aux_loss[name] < 0:
+            raise ConfigError(f"aux_loss.{name}={config.aux_loss[name]} must be >= 0")
+
+
+def task_weights_of(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The mixture's task -> weight, each task known to the data registry."""
+    weights = config_lib.parse_weights(config.data.tasks, "data.tasks")
+    if not weights:
+        raise ConfigError("data.tasks is empty; give 'name=weight, ...' (e.g. 'digits/class=1')")
+    for name, weight in weights.items():
+        try:
+            data.get_task(name, data_dir=config.data.data_dir)
+        except (KeyError, ValueError, OSError) as error:
+            raise ConfigError(f"data.tasks: {_one_line(error)}") from None
+        if weight < 0 or not math.isfinite(weight):
+            raise ConfigError(f"data.tasks: weight of {name!r} is {weight}; must be >= 0")
+    if not any(weight > 0 for weight in weights.values()):
+        raise ConfigError(f"data.tasks={config.data.tasks!r}: at least one weight must be > 0")
+    return weights
+
+
+def loss_task_weights(config, task_names) -> tuple[float, ...]:
+    weights = config_lib.parse_weights(config.task_weights, "task_weights")
+    unknown = sorted(set(weights) - set(task_names))
+    if unknown:
+        raise ConfigError(f"task_weights names {unknown}, which are not in data.tasks; "
+                          f"allowed: {list(task_names)}")
+    if any(weight < 0 for weight in weights.values()):
+        raise ConfigError(f"task_weights={config.task_weights!r}: weights must be >= 0")
+    return tuple(weights.get(name, 1.0) for name in task_names)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh of config.mesh, and the batch / expert divisibility it implies."""
+    try:
+        mesh = parallel.make_mesh(dict(config.mesh.to_dict()))
+        parallel.check_batch_divisible(config.batch_size, mesh)
+        parallel.check_batch_divisible(config.eval_batch_size, mesh)
+        if config.model.moe_every:
+            parallel.check_experts_divisible(config.model.moe.num_experts, mesh)
+        if config.model.moa_every:
+            parallel.check_experts_divisible(config.model.moa.num_experts, mesh)
+    except ValueError as error:
+        hint = ""
+        if config.num_cpu_devices and jax.device_count() != config.num_cpu_devices:
+            hint = (f" (config.num_cpu_devices={config.num_cpu_devices} only takes effect "
+                    "before JAX starts: the command line applies it; in a notebook, run "
+                    f"jax.config.update('jax_num_cpu_devices', {config.num_cpu_devices}) "
+                    "before anything else touches JAX)")
+        raise ConfigError(_one_line(error) + hint) from None
+    processes = jax.process_count()
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % processes:
+            raise ConfigError(f"{name}={config[name]} must be divisible by the number of "
+                              f"processes ({processes})")
+    return mesh
+
+
+def resolve_group_size(config: ml_collections.ConfigDict, mesh, num_tokens: int) -> None:
+    """model.moe.group_size=None -> one routing group per device's share of a batch.
+
+    Capacity is counted per routing group, and under a mesh a group may not straddle
+    devices; the largest group that divides both the train and the eval share of every
+    device is gcd(train, eval) examples' worth of tokens. Sets the field in place.
+    """
+    if not config.model.moe_every or config.model.moe.group_size is not None:
+        return
+    shards = parallel.num_batch_shards(mesh)
+    examples = math.gcd(config.batch_size // shards, config.eval_batch_size // shards)
+    with config.unlocked():
+        config.model.moe.group_size = examples * num_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Model, optimizer and loss of a config, abstract (nothing allocated)."""
+
+    spec: StateSpec
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    loss_settings: LossSettings
+    train_fn: Callable[[dict, dict], tuple[dict, dict]]
+    eval_fn: Callable[[dict, dict], dict]
+
+
+def build(config: ml_collections.ConfigDict, mesh, task_names: Sequence[str],
+          task_num_classes: Sequence[int], task_modalities: Sequence[str],
+          token_shape: tuple[int, int]) -> Model:
+    """The abstract state and the step functions on `mesh` (a Mesh, or an AbstractMesh to
+    check shapes of a config for hardware that is not here)."""
+    def create_model(rngs):
+        return models.model_from_config(
+            config.model, task_num_classes=task_num_classes, task_modalities=task_modalities,
+            token_shape=tuple(token_shape), rngs=rngs)
+
+    with _use_mesh(mesh):
+        tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
+        spec = state_spec(create_model, tx, mesh)
+    loss_settings = LossSettings(
+        num_tasks=len(task_names), task_weights=loss_task_weights(config, task_names),
+        aux_weights={name: float(config.aux_loss[name]) for name in AUX_LOSSES},
+        sparse_layers=spec.sparse_layers)
+    train_fn = make_train_step(spec.graphdef, tx, schedule, loss_settings,
+                               skip_nonfinite=config.skip_nonfinite_updates)
+    eval_fn = make_eval_step(spec.graphdef, len(task_names), spec.sparse_layers)
+    return Model(spec=spec, tx=tx, schedule=schedule, loss_settings=loss_settings,
+                 train_fn=train_fn, eval_fn=eval_fn)
+
+
+def abstract_batch(size: int, token_shape: tuple[int, int], keys: Sequence[str],
+                   sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global batch: inputs [B, L, P] f32, mask [B, L], label / task_id /
+    valid [B], each sharded over the batch axes."""
+    length, features = token_shape
+    shapes = {"inputs": ((size, length, features), jnp.float32),
+              "mask": ((size, length), jnp.bool_), "label": ((size,), jnp.int32),
+              "task_id": ((size,), jnp.int32), "valid": ((size,), jnp.bool_)}
+    return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding) for key in keys}
+
+
+def prepare(config: ml_collections.ConfigDict) -> Experiment:
+    """Validates `config`, resolves mesh, data and state, and compiles the steps.
+
+    Writes nothing; every problem with the config raises ConfigError.
+    """
+    config = config.copy_and_resolve_references()
+    # Cheapest checks first: numbers, then the mesh, then the tasks (which open datasets).
+    check_numbers(config)
+    mesh = check_mesh(config)
+    weights = task_weights_of(config)
+    try:
+        mixture = data.Mixture(weights, rate=config.data.rate, cap=config.data.cap,
+                               temperature=config.data.temperature,
+                               image_size=config.data.image_size,
+                               patch_size=config.data.patch_size, data_dir=config.data.data_dir)
+    except (KeyError, ValueError, OSError) as error:
+        raise ConfigError(f"data: {_one_line(error)}") from None
+    tasks = mixture.tasks
+    task_names = tuple(task.name for task in tasks)
+    token_shape = tuple(int(n) for n in mixture.token_shape)
+    resolve_group_size(config, mesh, token_shape[0])
+    sharding = parallel.batch_sharding(mesh)
+    try:
+        model = build(config, mesh, task_names, [task.num_classes for task in tasks],
+                      [task.modality for task in tasks], token_shape)
+    except ValueError as error:
+        # The layer constructors name the bad argument (routing, top_k, dims, dtype, ...).
+        raise ConfigError(f"model: {_one_line(error)}") from None
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        # Donating the state lets XLA update parameters and optimizer state in place.
+        train_step = jax.jit(
+            model.train_fn, out_shardings=(model.spec.shardings, None), donate_argnums=0,
+        ).lower(model.spec.abstract,
+                abstract_batch(config.batch_size, token_shape, TRAIN_KEYS, sharding)).compile()
+        compile_seconds = time.perf_counter() - start
+        eval_step = jax.jit(model.eval_fn).lower(
+            model.spec.abstract,
+            abstract_batch(config.eval_batch_size, token_shape, EVAL_KEYS, sharding)).compile()
+    return Experiment(
+        config=config, mesh=mesh, mixture=mixture, task_names=task_names,
+        task_num_classes=tuple(int(task.num_classes) for task in tasks),
+        task_modalities=tuple(task.modality for task in tasks), token_shape=token_shape,
+        model=model, train_step=train_step, eval_step=eval_step,
+        compile_seconds=compile_seconds)
+
+
+def _use_mesh(mesh):
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.set_mesh(mesh)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split())

@@ -1,0 +1,252 @@
+"""Training end to end on the simulated 8-device CPU mesh, with a tiny model and 3 tasks.
+
+One uninterrupted run (module fixture) is the reference for the rest: the loss goes down
+on every task; resuming from its midway checkpoint reproduces it bitwise; its final
+checkpoint restored onto another mesh gives the same eval numbers; and the command line
+handles SIGTERM and bad configs as documented.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from multitask_moe.train import ConfigError, NonFiniteLossError, run, train_and_evaluate
+from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train.config_lib import parse_weights
+from multitask_moe.train.metrics import read_history
+from multitask_moe.train.setup import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HALF = 32  # the resume point; the reference run trains 2 * HALF steps
+
+# Overrides of configs/default.py: the same structure (image + tabular tasks, MoE in odd
+# blocks, task-aware routing, (2, 4) mesh), small enough to compile and run in seconds.
+TINY = {
+    "data.tasks": "digits/class=1, iris=1, synthetic/a0=1",
+    "data.test_split": "",
+    "batch_size": 32,
+    "eval_batch_size": 64,
+    "num_train_steps": 2 * HALF,
+    "log_every_steps": 8,
+    "eval_every_steps": HALF,
+    "checkpoint_every_steps": HALF,
+    "optimizer.learning_rate": 1e-2,
+    "optimizer.warmup_steps": 2,
+    "model.d_model": 32,
+    "model.depth": 2,
+    "model.num_heads": 2,
+    "model.mlp_dim": 32,
+    "model.moe.num_experts": 8,
+    "progress_bar": False,
+}
+
+
+def default_config():
+    from ml_collections import config_flags
+
+    return config_flags.config_flags.ConfigFileFlagParser(name="config").parse(
+        os.path.join(REPO, "configs", "default.py"))
+
+
+def tiny_config(**changes):
+    config = default_config()
+    for key, value in {**TINY, **changes}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def cli(workdir, *extra, overrides=None):
+    args = [sys.executable, "-m", "multitask_moe.train", "--config=configs/default.py",
+            f"--workdir={workdir}"]
+    args += [f"--config.{key}={value}" for key, value in (overrides or TINY).items()]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    """The tiny config prepared (and its steps compiled) once for the module."""
+    return prepare(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def reference(experiment, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    return workdir, run(experiment, str(workdir))
+
+
+def train_records(workdir):
+    return [r for r in read_history(str(workdir)) if "train/loss" in r]
+
+
+def restore_latest(workdir, experiment):
+    with jax.set_mesh(experiment.mesh):
+        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=2)
+        step = checkpoints.latest_step()
+        state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
+        checkpoints.close()
+    return step, progress, jax.tree.leaves(jax.device_get(state["params"]))
+
+
+def test_loss_goes_down_on_every_task(reference):
+    workdir, results = reference
+    records = train_records(workdir)
+    assert [r["step"] for r in records] == list(range(8, 2 * HALF + 1, 8))
+    for task, classes in zip(parse_weights(TINY["data.tasks"], "tasks"), (10, 3, 4),
+                             strict=True):
+        # Mean cross-entropy of the first and the last 8 steps (~80 examples each).
+        first, last = records[0][f"train/{task}/loss"], records[-1][f"train/{task}/loss"]
+        assert last < 0.92 * first, (task, first, last)
+        assert results[f"eval/{task}/accuracy"] > 1.2 / classes, task
+
+
+def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
+    workdir, results = reference
+    files = set(os.listdir(workdir))
+    assert {"metrics.jsonl", "tensorboard", "plots", "checkpoints", "results.txt",
+            "config.json"} <= files
+    assert sorted(os.listdir(workdir / "plots")) == ["learning_curves.png",
+                                                     "routing_block1_moe.png"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(HALF), str(2 * HALF)]
+    record = train_records(workdir)[-1]
+    for key in ("train/task_loss", "train/aux/load_balance_loss", "train/dropped_fraction",
+                "train/block1/moe/expert_load_max", "steps_per_sec", "examples_per_sec"):
+        assert np.isfinite(record[key]), key
+    evals = [r for r in read_history(str(workdir)) if "eval/iris/accuracy" in r]
+    assert [r["step"] for r in evals] == [HALF, 2 * HALF]
+    assert evals[-1]["eval/iris/accuracy"] == results["eval/iris/accuracy"]
+    table = (workdir / "results.txt").read_text()
+    assert all(task in table for task in ("digits/class", "iris", "synthetic/a0"))
+
+
+def test_resume_from_the_midway_checkpoint_equals_the_uninterrupted_run(
+        experiment, reference, tmp_path):
+    workdir, results = reference
+    # A run that stopped at HALF (its checkpoint, written asynchronously mid-run) resumes.
+    shutil.copytree(workdir / "checkpoints" / str(HALF), tmp_path / "checkpoints" / str(HALF))
+    resumed = run(experiment, str(tmp_path))
+    # Same batches and same compiled step: bitwise equal on CPU.
+    assert resumed == results
+    expected = {r["step"]: r for r in train_records(workdir)}
+    got = train_records(tmp_path)
+    assert [r["step"] for r in got] == [s for s in expected if s > HALF]
+    for record in got:
+        for key, value in record.items():
+            if key.startswith("train/"):
+                assert value == expected[record["step"]][key], (record["step"], key)
+    step_a, _, params_a = restore_latest(workdir, experiment)
+    step_b, progress, params_b = restore_latest(tmp_path, experiment)
+    assert step_a == step_b == progress["data_step"] == 2 * HALF
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp_path):
+    workdir, results = reference
+    final = str(2 * HALF)
+    shutil.copytree(workdir / "checkpoints" / final, tmp_path / "checkpoints" / final)
+    # (2, 4) -> (1, 8): 8 experts go from 2 to 1 per device; nothing left to train.
+    restored = train_and_evaluate(tiny_config(**{"mesh.data": 1, "mesh.expert": 8}),
+                                  str(tmp_path))
+    for key, value in results.items():
+        if key.endswith("/accuracy") or key.endswith("num_examples"):
+            assert restored[key] == value, key
+        else:
+            np.testing.assert_allclose(restored[key], value, rtol=1e-5, err_msg=key)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    # A huge learning rate: step 1 is finite, its update overflows the parameters, and
+    # step 2's loss is not.
+    config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
+                            "checkpoint_every_steps": 1, "num_train_steps": 6,
+                            "eval_every_steps": 0})
+    with pytest.raises(NonFiniteLossError, match=r"at step 2; the last good checkpoint is "
+                                                 r"step 1"):
+        train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(experiment, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = {**TINY, "num_train_steps": 100_000, "log_every_steps": 2,
+                 "checkpoint_every_steps": 50_000, "eval_every_steps": 0}
+    process = subprocess.Popen(cli(workdir, overrides=overrides), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "metrics.jsonl").exists() or not train_records(workdir):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    steps = os.listdir(workdir / "checkpoints")
+    assert len(steps) == 1 and f"saved a checkpoint at step {steps[0]}" in stdout
+    # Restorable (same shapes as the module's experiment), with the data position saved.
+    step, progress, params = restore_latest(workdir, experiment)
+    assert step == int(steps[0]) == progress["data_step"] > 0
+    assert all(np.all(np.isfinite(p)) for p in params)
+
+
+BAD_CONFIGS = {
+    "unknown task": (["--config.data.tasks=iris=1, no_such_task=1"], "no_such_task"),
+    "experts vs expert axis": (["--config.model.moe.num_experts=6"],
+                               "num_experts=6 is not divisible by the 'expert' mesh axis"),
+    "batch vs batch axes": (["--config.batch_size=36"], "batch size 36 is not divisible"),
+    "unknown key": (["--config.model.no_such_key=1"], "unknown config key 'model.no_such_key'"),
+    "negative steps": (["--config.num_train_steps=-5"], "num_train_steps=-5 must be an int >= 0"),
+}
+
+
+def test_bad_configs_fail_with_one_line_and_write_nothing(tmp_path):
+    processes = {}
+    for name, (flags, _) in BAD_CONFIGS.items():
+        workdir = tmp_path / name.replace(" ", "_")
+        processes[name] = (workdir, subprocess.Popen(
+            cli(workdir, *flags), cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    for name, (workdir, process) in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        expected = BAD_CONFIGS[name][1]
+        assert process.returncode == 2, (name, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], (name, stderr)
+        assert "Traceback" not in stderr, (name, stderr)
+        assert not workdir.exists(), name
+
+
+def test_prepare_raises_config_error_for_a_bad_routing():
+    with pytest.raises(ConfigError, match="routing='sideways'"):
+        prepare(tiny_config(**{"model.moe.routing": "sideways"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [
+    {"model.moe.routing": "tokens"}, {"model.moe.routing": "experts"},
+    {"model.moe.routing": "task"}, {"model.moe.routing": "per_task"},
+    {"model.moe.capacity_factor": None, "model.moe.eval_capacity_factor": None},
+    {"model.moa_every": 2, "model.moa.routing": "task_tokens"},
+    {"model.dtype": "bfloat16"},
+], ids=["tokens", "experts", "task", "per_task", "dropless", "moa", "bfloat16"])
+def test_every_model_variant_trains_on_the_mesh(variant, tmp_path):
+    config = tiny_config(**{"num_train_steps": 8, "eval_every_steps": 0,
+                            "checkpoint_every_steps": 0, **variant})
+    results = train_and_evaluate(config, str(tmp_path))
+    assert all(np.isfinite(value) for value in results.values())
+    assert all(np.isfinite(r["train/loss"]) for r in train_records(tmp_path))
