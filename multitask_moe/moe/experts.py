@@ -27,6 +27,10 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+# Hidden activations up to this size (a typical L2 cache) run as one batched einsum.
+BATCHED_HIDDEN_BYTES = 2 << 20
+
+
 class Experts(nnx.Module):
   """w_in [E, D, H], w_out [E, H, D]; expert e computes act(x @ w_in[e]) @ w_out[e]."""
 
@@ -58,16 +62,28 @@ class Experts(nnx.Module):
   def num_experts(self) -> int:
     return self.w_in.shape[0]
 
-  def __call__(self, slots: jax.Array, *, tile: int = 256) -> jax.Array:
+  def __call__(self, slots: jax.Array, *, tile: int = 256,
+               max_batched_hidden_bytes: int | None = None) -> jax.Array:
     """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group.
 
-    Runs as a tiled grouped matmul over expert-major rows (grouped.py).
+    Tiling pays when the hidden activations of all slots would not stay in cache; below
+    `max_batched_hidden_bytes` of them (default BATCHED_HIDDEN_BYTES, read at trace time)
+    one batched einsum has no loop overhead and wins.
+    Above it, a tiled grouped matmul over expert-major rows (grouped.py), with the tile
+    shrunk so that equal tiles cover each expert's run (no recomputed rows).
     """
     num_groups, num_experts, capacity, d_model = slots.shape
+    hidden_bytes = (num_groups * num_experts * capacity * self.w_in.shape[-1]
+                    * jnp.dtype(self.dtype).itemsize)
+    if max_batched_hidden_bytes is None:
+      max_batched_hidden_bytes = BATCHED_HIDDEN_BYTES
+    if hidden_bytes <= max_batched_hidden_bytes:
+      return self.batched(slots)
     rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
     run = num_groups * capacity
+    num_tiles = -(-run // tile)
     row_bounds = jnp.arange(num_experts + 1, dtype=jnp.int32) * run
-    out = self.grouped(rows, row_bounds, min(tile, run))
+    out = self.grouped(rows, row_bounds, -(-run // num_tiles))
     return out.reshape(num_experts, num_groups, capacity, d_model).transpose(1, 0, 2, 3)
 
   def batched(self, slots: jax.Array) -> jax.Array:
