@@ -260,3 +260,38 @@ def test_tiled_experts_under_mesh_match_unsharded(monkeypatch):
     lowered = jax.jit(lambda x, t: _loss(layer, x, t)[0]).lower(*inputs).as_text()
     assert "while" in lowered  # the tiled path really runs
     _assert_same(_run(layer, inputs, (2, 4)), reference)
+
+
+@pytest.mark.parametrize("routing, capacity_factor", [("tokens", 1.0), ("experts", 1.0),
+                                                      ("task_tokens", None)],
+                         ids=("tokens-capacity", "experts-capacity", "task_tokens-dropless"))
+def test_masked_moe_matches_unsharded(routing, capacity_factor):
+    # Padding (MoA's mask of _inputs: part of example 1, all of example 6) is not routed;
+    # on the mesh the mask travels with its examples and the same tokens are skipped.
+    layer, (x, task_ids, mask) = _moe(routing, capacity_factor, num_shared_experts=1), _inputs()
+
+    def run(mesh_shape=None):
+        graphdef, state = nnx.split(layer)
+        inputs = (x, task_ids, mask)
+        if not mesh_shape:
+            return _masked_forward_backward(graphdef, state, *inputs)
+        mesh = _mesh(mesh_shape)
+        inputs = jax.device_put(inputs, parallel.batch_sharding(mesh))
+        with jax.set_mesh(mesh):
+            return _masked_forward_backward(graphdef, state, *inputs)
+
+    reference = jax.device_get(run())
+    assert np.all(reference["y"][6] == 0)
+    _assert_same(run((2, 4)), reference)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   compiler_options={"xla_backend_optimization_level": 0})
+def _masked_forward_backward(graphdef, state, x, task_ids, mask):
+    def loss(layer):
+        y, aux = layer(x, task_ids, mask=mask)
+        return (jnp.sum(y * jnp.cos(y)) + aux["load_balance_loss"] + aux["router_z_loss"]
+                + aux["mutual_info_loss"]), (y, aux)
+
+    (_, (y, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(nnx.merge(graphdef, state))
+    return {"y": y, "aux": aux, "grads": nnx.to_pure_dict(grads)}

@@ -79,10 +79,8 @@ class SparseMLP(nnx.Module):
             param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, *, task_ids, mask, deterministic):
-        # The layer has no token mask: padding tokens are routed like real ones (they take
-        # capacity slots but are excluded from attention keys and from the pooled output).
-        del mask
-        return self.moe(x, task_ids, deterministic=deterministic)  # [B, L, D], aux
+        # Padding is not routed: it takes no capacity and stays out of the routing stats.
+        return self.moe(x, task_ids, mask=mask, deterministic=deterministic)  # [B, L, D], aux
 
 
 class DenseAttention(nnx.Module):

@@ -3,6 +3,7 @@
     layer = MoE(d_model=64, d_hidden=256, num_experts=8, top_k=2, routing="tokens",
                 capacity_factor=1.25, num_tasks=None, rngs=nnx.Rngs(0))
     y, aux = layer(x, task_ids=None)     # x [B, L, D], task_ids [B] int32
+    y, aux = layer(x, task_ids, mask=mask)  # mask [B, L] bool: False = padding
 
 Pipeline: router logits (routing.py) -> plan (plan.py) -> dispatch -> experts -> combine
 (dispatch.py, experts.py) -> aux (losses.py). Shape legend: B batch, L sequence length,
@@ -114,34 +115,41 @@ class MoE(nnx.Module):
       x: jax.Array,
       task_ids: jax.Array | None = None,
       *,
+      mask: jax.Array | None = None,
       deterministic: bool | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [B, L, D], task_ids [B] int32 -> (y [B, L, D], aux)."""
+    """x [B, L, D], task_ids [B] int32, mask [B, L] bool -> (y [B, L, D], aux).
+
+    Tokens where mask is False (padding) are not routed: they take no capacity, their
+    output is 0 (shared experts included), and they enter no aux loss or metric.
+    """
     deterministic = self.deterministic if deterministic is None else deterministic
     from multitask_moe.parallel import expert_parallel  # lazy: it imports this package
 
-    if expert_parallel.active_mesh() is not None:
-      return expert_parallel.moe_forward(self, x, task_ids, deterministic)
     batch, length = _check_input(x, self.d_model)
+    mask = check_mask(mask, batch, length)
+    if expert_parallel.active_mesh() is not None:
+      return expert_parallel.moe_forward(self, x, task_ids, mask, deterministic)
     token_tasks = self._token_tasks(task_ids, batch, length)  # [N] or None
     num_tokens = batch * length
     group_size = self.routing_group_size(batch, length)
     groups = x.reshape(num_tokens // group_size, group_size, self.d_model)  # [G, S, D]
     group_tasks = None if token_tasks is None else token_tasks.reshape(groups.shape[:2])
+    valid = None if mask is None else mask.reshape(groups.shape[:2])  # [G, S]
 
     logits = self.router(groups, group_tasks, deterministic=deterministic)  # [G, S, E] f32
     probs = jax.nn.softmax(logits, axis=-1)
-    routing_plan = self.make_plan(probs, deterministic)
+    routing_plan = self.make_plan(probs, deterministic, valid)
     y = self.move_tokens(groups.astype(self.dtype), routing_plan)  # [G, S, D]
 
     stats = losses.router_stats(
         logits.reshape(num_tokens, -1), probs.reshape(num_tokens, -1),
         routing_plan.kept.reshape(num_tokens, -1), routing_plan.chosen.reshape(num_tokens, -1),
-        token_tasks, self.num_tasks)
+        token_tasks, self.num_tasks, None if mask is None else mask.reshape(num_tokens))
     aux = losses.aux_from_stats(stats, choice=self.kind.choice)
     y = y.reshape(batch, length, self.d_model)
     if self.shared_experts is not None:
-      y = y + self.shared_experts.dense(x)
+      y = y + self.shared_experts.dense(x) * _token_weight(mask, x.dtype)
     return y.astype(self.dtype), aux
 
   def capacity(self, group_size: int, deterministic: bool) -> int | None:
@@ -153,19 +161,21 @@ class MoE(nnx.Module):
       return group_size if self.kind.choice == "experts" else None
     return plan.capacity(factor, group_size, self.top_k, self.num_experts)
 
-  def make_plan(self, probs: jax.Array, deterministic: bool) -> plan.Plan:
-    """probs [G, S, E] float32 -> Plan (see plan.py)."""
+  def make_plan(self, probs: jax.Array, deterministic: bool,
+                valid: jax.Array | None = None) -> plan.Plan:
+    """probs [G, S, E] float32, valid [G, S] bool or None -> Plan (see plan.py)."""
     capacity = self.capacity(probs.shape[1], deterministic)
     if self.kind.choice == "experts":
-      return plan.expert_choice(probs, capacity)
+      return plan.expert_choice(probs, capacity, valid)
     if capacity is None and self.dispatch == "index":
       return plan.dropless_token_choice(
-          probs, self.top_k, self.dropless_block_size, renormalize=self.renormalize_gates)
+          probs, self.top_k, self.dropless_block_size, renormalize=self.renormalize_gates,
+          valid=valid)
     if capacity is None:
       # One-hot dispatch cannot be ragged: the exact dropless bound is C = S.
       capacity = probs.shape[1]
     return plan.token_choice(probs, self.top_k, capacity, batch_priority=self.batch_priority,
-                             renormalize=self.renormalize_gates)
+                             renormalize=self.renormalize_gates, valid=valid)
 
   def move_tokens(self, groups: jax.Array, routing_plan: plan.Plan) -> jax.Array:
     """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine."""
@@ -228,6 +238,22 @@ def token_task_ids(task_ids, batch: int, length: int, num_tasks: int | None, rou
       raise ValueError(f"task_ids contain {sorted(set(bad.tolist()))}; allowed: 0 <= "
                        f"task_id < num_tasks={num_tasks}")
   return jnp.repeat(task_ids.astype(jnp.int32), length)
+
+
+def check_mask(mask, batch: int, length: int) -> jax.Array | None:
+  """mask [B, L] bool (True = real token) or None; ValueError naming the shape otherwise."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != (batch, length) or mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be a bool array of shape [batch, length]=({batch}, {length}), "
+                     f"got {mask.dtype}{list(mask.shape)}")
+  return mask
+
+
+def _token_weight(mask: jax.Array | None, dtype) -> jax.Array | float:
+  """mask [B, L] -> [B, L, 1] 0/1 in dtype (1.0 without a mask)."""
+  return 1.0 if mask is None else mask[..., None].astype(dtype)
 
 
 def _check_input(x: jax.Array, d_model: int) -> tuple[int, int]:

@@ -21,22 +21,28 @@ def router_stats(
     chosen: jax.Array,
     task_ids: jax.Array | None,
     num_tasks: int | None,
+    valid: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-  """Sums over tokens. logits, probs, kept, chosen [N, E] float32; task_ids [N] or None."""
+  """Sums over the real tokens. logits, probs, kept, chosen [N, E] float32; task_ids [N]
+  or None; valid [N] bool or None (all real): padding enters no statistic."""
+  weight = (jnp.ones(logits.shape[:1], jnp.float32) if valid is None
+            else valid.astype(jnp.float32))  # [N]
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [N]
   log_probs = jax.nn.log_softmax(logits, axis=-1)
+  real_probs = probs * weight[:, None]  # [N, E]
   stats = {
-      "num_tokens": jnp.asarray(logits.shape[0], jnp.float32),
-      "prob_sum": jnp.sum(probs, axis=0),  # [E]
-      "chosen_count": jnp.sum(chosen, axis=0),  # [E]
+      "num_tokens": jnp.sum(weight),
+      "prob_sum": jnp.sum(real_probs, axis=0),  # [E]
+      "chosen_count": jnp.sum(chosen, axis=0),  # [E] (padding chooses nothing)
       "kept_count": jnp.sum(kept, axis=0),  # [E]
-      "tokens_with_no_expert": jnp.sum(jnp.sum(kept, axis=-1) == 0).astype(jnp.float32),
-      "z_sum": jnp.sum(jnp.square(log_z)),
-      "entropy_sum": -jnp.sum(probs * log_probs),
-      "top_prob_sum": jnp.sum(jnp.max(probs, axis=-1)),
+      "tokens_with_no_expert": jnp.sum(weight * (jnp.sum(kept, axis=-1) == 0)),
+      "z_sum": jnp.sum(weight * jnp.square(log_z)),
+      "entropy_sum": -jnp.sum(real_probs * log_probs),
+      "top_prob_sum": jnp.sum(weight * jnp.max(probs, axis=-1)),
   }
   if task_ids is not None:
     task_one_hot = jax.nn.one_hot(task_ids, num_tasks, dtype=jnp.float32)  # [N, T]
+    task_one_hot = task_one_hot * weight[:, None]
     stats["task_prob_sum"] = task_one_hot.T @ probs  # [T, E]: S[t, e] of Mod-Squad
     stats["task_kept_count"] = task_one_hot.T @ kept  # [T, E]
   return stats
@@ -47,7 +53,8 @@ def mutual_info_loss(task_prob_sum: jax.Array) -> jax.Array:
 
   P(t, e) = S / sum(S); L = -sum P(t, e) log(P(t, e) / (P(t) P(e)) + eps).
   """
-  joint = task_prob_sum / jnp.sum(task_prob_sum)
+  total = jnp.sum(task_prob_sum)
+  joint = task_prob_sum / jnp.where(total > 0, total, 1.0)  # no tokens at all: loss 0
   p_task = jnp.sum(joint, axis=1, keepdims=True)  # [T, 1]
   p_expert = jnp.sum(joint, axis=0, keepdims=True)  # [1, E]
   # Tasks absent from the batch have P(t) = 0 and their cells contribute 0 (0 * log(eps)).
@@ -68,7 +75,7 @@ def aux_from_stats(stats: dict[str, jax.Array], *, choice: str) -> dict[str, jax
   dropped_fraction: token choice: chosen assignments that found no slot; expert choice:
     tokens that no expert took.
   """
-  num_tokens = stats["num_tokens"]
+  num_tokens = jnp.maximum(stats["num_tokens"], 1.0)  # a batch of padding only: all 0
   num_experts = stats["prob_sum"].shape[0]
   choice_fraction = stats["chosen_count"] / jnp.maximum(jnp.sum(stats["chosen_count"]), 1.0)
   mean_prob = stats["prob_sum"] / num_tokens

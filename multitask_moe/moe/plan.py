@@ -70,23 +70,29 @@ def token_choice(
     *,
     batch_priority: bool = False,
     renormalize: bool = False,
+    valid: jax.Array | None = None,
 ) -> Plan:
   """Each token picks its top-k experts; each expert keeps its first C assignments.
 
   probs [G, S, E] float32. Priority is k-major (every token's first choice before any
   second choice, as in GShard/V-MoE) and, within a rank, token order, or the token's top
-  gate descending with batch_priority (BPR, Riquelme et al. 2021).
+  gate descending with batch_priority (BPR, Riquelme et al. 2021). valid [G, S] bool:
+  tokens marked False (padding) choose nothing and take no slot.
   """
   num_groups, group_size, num_experts = probs.shape
   gates, experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   experts_ks = experts.transpose(0, 2, 1)  # [G, K, S] k-major
+  valid_ks = _valid_choices(valid, experts_ks.shape)  # [G, K, S]
+  # Padding "chooses" expert E: its one-hot row is empty, so it moves no position.
+  counted_ks = jnp.where(valid_ks, experts_ks, num_experts)
   if batch_priority:
-    order = jnp.argsort(-gates[..., 0], axis=1, stable=True)  # [G, S] priority -> token
-    by_priority = jnp.take_along_axis(experts_ks, order[:, None, :], axis=2)  # [G, K, S]
+    top_gate = jnp.where(valid_ks[:, 0], gates[..., 0], -1.0)  # padding last
+    order = jnp.argsort(-top_gate, axis=1, stable=True)  # [G, S] priority -> token
+    by_priority = jnp.take_along_axis(counted_ks, order[:, None, :], axis=2)  # [G, K, S]
   else:
-    by_priority = experts_ks
+    by_priority = counted_ks
   position = _position_in_expert(
       by_priority.reshape(num_groups, top_k * group_size), num_experts)
   position = position.reshape(num_groups, top_k, group_size)  # [G, K, S] in priority order
@@ -94,7 +100,7 @@ def token_choice(
     # Back to token order: the token at priority p is order[p].
     rank_of_token = jnp.argsort(order, axis=1)  # [G, S]
     position = jnp.take_along_axis(position, rank_of_token[:, None, :], axis=2)
-  is_kept = position < capacity
+  is_kept = (position < capacity) & valid_ks
   num_rows = num_experts * capacity
   token_rows = jnp.where(is_kept, experts_ks * capacity + position, num_rows)
   token_gates = jnp.where(is_kept, gates.transpose(0, 2, 1), 0.0)
@@ -103,25 +109,32 @@ def token_choice(
       token_rows=token_rows.astype(jnp.int32),
       token_gates=token_gates,
       kept=_choice_mask(experts_ks, is_kept, num_experts),
-      chosen=_choice_mask(experts_ks, jnp.ones_like(is_kept), num_experts),
+      chosen=_choice_mask(experts_ks, valid_ks, num_experts),
       capacity=capacity,
   )
 
 
-def expert_choice(probs: jax.Array, capacity: int) -> Plan:
+def expert_choice(probs: jax.Array, capacity: int, valid: jax.Array | None = None) -> Plan:
   """Each expert picks the C tokens of its group it has the highest probability for.
 
   probs [G, S, E] (softmax over experts, Zhou et al. 2022). Every expert fills exactly C
-  slots; a token gets 0..E experts. Choice j of a token is expert j (J = E).
+  slots; a token gets 0..E experts. Choice j of a token is expert j (J = E). valid [G, S]
+  bool: padding is never picked; an expert's slots beyond the group's real tokens stay
+  empty.
   """
   num_groups, group_size, num_experts = probs.shape
+  if valid is not None:
+    probs = jnp.where(valid[..., None], probs, -1.0)  # below every real probability
   gates, tokens = jax.lax.top_k(probs.transpose(0, 2, 1), capacity)  # [G, E, C]
-  slot = jnp.arange(num_experts * capacity).reshape(num_experts, capacity)  # [E, C]
   num_rows = num_experts * capacity
-  row_assign = (jnp.arange(num_experts)[:, None] * group_size + tokens)  # [G, E, C]
+  picked = gates >= 0  # [G, E, C]: False only for a slot that could find no real token
+  slot = jnp.where(picked, jnp.arange(num_rows).reshape(num_experts, capacity), num_rows)
+  row_assign = jnp.where(picked, jnp.arange(num_experts)[:, None] * group_size + tokens,
+                         num_experts * group_size)  # [G, E, C]
   token_rows = jnp.full((num_groups, num_experts, group_size), num_rows, jnp.int32)
-  token_rows = jax.vmap(lambda tr, tok: tr.at[jnp.arange(num_experts)[:, None], tok].set(slot))(
-      token_rows, tokens)
+  # An empty slot writes past the end (dropped), so it never marks a padding token.
+  token_rows = jax.vmap(lambda tr, tok, sl: tr.at[jnp.arange(num_experts)[:, None], tok].set(
+      sl, mode="drop"))(token_rows, jnp.where(picked, tokens, group_size), slot)
   kept = (token_rows < num_rows).transpose(0, 2, 1).astype(jnp.float32)  # [G, S, E]
   token_gates = jnp.where(token_rows < num_rows, probs.transpose(0, 2, 1), 0.0)
   return Plan(
@@ -135,7 +148,8 @@ def expert_choice(probs: jax.Array, capacity: int) -> Plan:
 
 
 def dropless_token_choice(
-    probs: jax.Array, top_k: int, block_size: int, *, renormalize: bool = False
+    probs: jax.Array, top_k: int, block_size: int, *, renormalize: bool = False,
+    valid: jax.Array | None = None,
 ) -> Plan:
   """Token choice with no capacity: every assignment is kept.
 
@@ -143,7 +157,7 @@ def dropless_token_choice(
   sorted by expert and each expert's run is padded to whole blocks of `block_size`, so a
   block belongs to one expert and the experts run as one matmul per block. The static
   row bound is A + E * (block_size - 1) rounded up to a block (A = G * S * K), never the
-  A * E of a [tokens, experts, capacity] layout.
+  A * E of a [tokens, experts, capacity] layout. valid [G, S] bool: padding gets no row.
   """
   num_groups, group_size, num_experts = probs.shape
   num_tokens = num_groups * group_size
@@ -152,7 +166,10 @@ def dropless_token_choice(
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   experts_ks = experts.transpose(0, 2, 1)  # [1, K, N]
-  flat_experts = experts_ks.reshape(1, top_k * num_tokens)
+  valid_ks = _valid_choices(None if valid is None else valid.reshape(1, num_tokens),
+                            experts_ks.shape)  # [1, K, N]
+  # Padding counts as expert E: no position, no row (its one-hot row is empty).
+  flat_experts = jnp.where(valid_ks, experts_ks, num_experts).reshape(1, top_k * num_tokens)
   position = _position_in_expert(flat_experts, num_experts)[0]  # [A]
   counts = jnp.sum(jax.nn.one_hot(flat_experts[0], num_experts, dtype=jnp.int32), axis=0)
   padded = -(-counts // block_size) * block_size  # [E]
@@ -161,24 +178,32 @@ def dropless_token_choice(
   bound = top_k * num_tokens + num_experts * (block_size - 1)
   num_blocks = -(-bound // block_size)
   num_rows = num_blocks * block_size
-  token_rows = (starts[flat_experts[0]] + position).reshape(1, top_k, num_tokens)
+  token_rows = (jnp.take(starts, flat_experts[0], mode="fill", fill_value=num_rows)
+                + position).reshape(1, top_k, num_tokens)
+  token_rows = jnp.where(valid_ks, token_rows, num_rows)
   block_bounds = jnp.concatenate([jnp.zeros(1, ends.dtype), ends]) // block_size
-  everything = jnp.ones(experts_ks.shape, bool)
   return Plan(
       row_assign=_invert(token_rows, num_rows),
       token_rows=token_rows.astype(jnp.int32),
-      token_gates=gates.transpose(0, 2, 1),
-      kept=_choice_mask(experts_ks, everything, num_experts),
-      chosen=_choice_mask(experts_ks, everything, num_experts),
+      token_gates=jnp.where(valid_ks, gates.transpose(0, 2, 1), 0.0),
+      kept=_choice_mask(experts_ks, valid_ks, num_experts),
+      chosen=_choice_mask(experts_ks, valid_ks, num_experts),
       block_bounds=block_bounds.astype(jnp.int32),
       block_size=block_size,
   )
 
 
+def _valid_choices(valid: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """valid [G, S] (None: all) -> [G, J, S] bool, the same for every choice of a token."""
+  if valid is None:
+    return jnp.ones(shape, bool)
+  return jnp.broadcast_to(valid[:, None, :], shape)
+
+
 def _position_in_expert(experts: jax.Array, num_experts: int) -> jax.Array:
   """experts [G, A] -> [G, A]: how many earlier assignments of the group chose the same
-  expert. A cumulative sum of one-hots is O(A * E) but a plain scan XLA vectorizes; E is
-  small next to A."""
+  expert (an index >= num_experts chooses none and counts for none). A cumulative sum of
+  one-hots is O(A * E) but a plain scan XLA vectorizes; E is small next to A."""
   one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)  # [G, A, E]
   before = jnp.cumsum(one_hot, axis=1) - one_hot
   return jnp.sum(before * one_hot, axis=-1)

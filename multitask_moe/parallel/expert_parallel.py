@@ -142,14 +142,14 @@ def _routing_group_size(layer, batch: int, length: int, shards: int) -> int:
     return group_size
 
 
-def _moe_plan(layer, probs: jax.Array, deterministic: bool) -> plan_lib.Plan:
+def _moe_plan(layer, probs: jax.Array, deterministic: bool, valid) -> plan_lib.Plan:
     """The layer's own plan, except that dropless token choice uses C = S slots (see the
     module docstring) instead of the single-device sorted-block layout."""
     if layer.kind.choice == "tokens" and layer.capacity(probs.shape[1], deterministic) is None:
         return plan_lib.token_choice(probs, layer.top_k, probs.shape[1],
                                      batch_priority=layer.batch_priority,
-                                     renormalize=layer.renormalize_gates)
-    return layer.make_plan(probs, deterministic)
+                                     renormalize=layer.renormalize_gates, valid=valid)
+    return layer.make_plan(probs, deterministic, valid)
 
 
 def _check_layout(mesh, num_experts: int, batch: int) -> tuple[tuple[str, ...], int, int]:
@@ -191,8 +191,9 @@ def _shard_inputs(batch_spec, noise, **batched):
     return inputs, specs
 
 
-def moe_forward(layer, x: jax.Array, task_ids, deterministic: bool):
-    """Expert-parallel MoE.__call__ on the current mesh: x [B, L, D] -> (y, aux)."""
+def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
+    """Expert-parallel MoE.__call__ on the current mesh: x [B, L, D], mask [B, L] or None
+    -> (y, aux)."""
     from multitask_moe.moe.layer import _check_input
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -206,7 +207,7 @@ def moe_forward(layer, x: jax.Array, task_ids, deterministic: bool):
     noise = _router_noise(layer.router, (global_groups, batch * length // global_groups,
                                          layer.num_experts), deterministic)
     batch_spec = PartitionSpec(axes or None)
-    inputs, specs = _shard_inputs(batch_spec, noise, x=x, tasks=task_ids)
+    inputs, specs = _shard_inputs(batch_spec, noise, x=x, tasks=task_ids, mask=mask)
     graphdef, experts, rest = _split_layer(layer, MOE_EXPERT_PARAMS, mesh)
     d_model = layer.d_model
 
@@ -217,13 +218,15 @@ def moe_forward(layer, x: jax.Array, task_ids, deterministic: bool):
         token_tasks = (jnp.repeat(inputs["tasks"], length)  # [N_loc]
                        if "tasks" in inputs else None)
         group_tasks = None if token_tasks is None else token_tasks.reshape(groups.shape[:2])
+        mask_local = inputs.get("mask")  # [B_loc, L] or None
+        valid = None if mask_local is None else mask_local.reshape(groups.shape[:2])  # [G, S]
         logits = local.router(groups, group_tasks, deterministic=True)  # [G, S, E] f32
         if "noise" in inputs:
             noise = inputs["noise"].reshape(batch * length, -1)
             logits = logits + local.router.noise_std * _local_rows(
                 noise, axes, local_tokens).reshape(logits.shape)
         probs = jax.nn.softmax(logits, axis=-1)
-        plan = _moe_plan(local, probs, deterministic)
+        plan = _moe_plan(local, probs, deterministic, valid)
         num_groups, capacity = groups.shape[0], plan.capacity
         rows = dispatch_lib.dispatch(groups.astype(local.dtype), plan, local.dispatch)
         slots = rows.reshape(num_groups, layer.num_experts, capacity, d_model)  # [G,E,C,D]
@@ -237,12 +240,13 @@ def moe_forward(layer, x: jax.Array, task_ids, deterministic: bool):
         flat = lambda a: a.reshape(local_tokens, -1)  # [N_loc, E]
         stats = losses.router_stats(
             flat(logits), flat(probs), flat(plan.kept), flat(plan.chosen), token_tasks,
-            local.num_tasks)
+            local.num_tasks, None if valid is None else valid.reshape(local_tokens))
         stats = jax.lax.psum(stats, axes) if axes else stats
         aux = losses.aux_from_stats(stats, choice=local.kind.choice)
         y = y.reshape(local_batch, length, d_model)
         if local.shared_experts is not None:
-            y = y + local.shared_experts.dense(x_local)
+            weight = 1.0 if mask_local is None else mask_local[..., None].astype(x_local.dtype)
+            y = y + local.shared_experts.dense(x_local) * weight
         return y.astype(local.dtype), aux
 
     return jax.shard_map(
