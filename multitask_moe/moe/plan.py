@@ -182,12 +182,13 @@ def dropless_token_choice(
                 + position).reshape(1, top_k, num_tokens)
   token_rows = jnp.where(valid_ks, token_rows, num_rows)
   block_bounds = jnp.concatenate([jnp.zeros(1, ends.dtype), ends]) // block_size
+  every_choice = _choice_mask(experts_ks, valid_ks, num_experts)  # nothing is dropped
   return Plan(
       row_assign=_invert(token_rows, num_rows),
       token_rows=token_rows.astype(jnp.int32),
       token_gates=jnp.where(valid_ks, gates.transpose(0, 2, 1), 0.0),
-      kept=_choice_mask(experts_ks, valid_ks, num_experts),
-      chosen=_choice_mask(experts_ks, valid_ks, num_experts),
+      kept=every_choice,
+      chosen=every_choice,
       block_bounds=block_bounds.astype(jnp.int32),
       block_size=block_size,
   )

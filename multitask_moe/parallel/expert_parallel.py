@@ -194,7 +194,7 @@ def _shard_inputs(batch_spec, noise, **batched):
 def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
     """Expert-parallel MoE.__call__ on the current mesh: x [B, L, D], mask [B, L] or None
     -> (y, aux)."""
-    from multitask_moe.moe.layer import _check_input
+    from multitask_moe.moe.layer import _check_input, _token_weight
 
     mesh = jax.sharding.get_abstract_mesh()
     batch, length = _check_input(x, layer.d_model)
@@ -245,8 +245,7 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
         aux = losses.aux_from_stats(stats, choice=local.kind.choice)
         y = y.reshape(local_batch, length, d_model)
         if local.shared_experts is not None:
-            weight = 1.0 if mask_local is None else mask_local[..., None].astype(x_local.dtype)
-            y = y + local.shared_experts.dense(x_local) * weight
+            y = y + local.shared_experts.dense(x_local) * _token_weight(mask_local, x_local.dtype)
         return y.astype(local.dtype), aux
 
     return jax.shard_map(
