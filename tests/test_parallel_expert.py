@@ -35,7 +35,7 @@ def _mesh(shape):
 def _inputs():
     x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL), jnp.float32)
     task_ids = jnp.arange(BATCH, dtype=jnp.int32) % NUM_TASKS
-    # MoA: example 1 has two padding keys, example 6 none at all.
+    # The padding mask (MoA, masked MoE): example 1 has two padding tokens, example 6 only padding.
     mask = jnp.ones((BATCH, LENGTH), bool).at[1, 2:].set(False).at[6].set(False)
     return x, task_ids, mask
 
@@ -52,8 +52,8 @@ def _moa(routing="task_tokens"):
                    num_tasks=NUM_TASKS, causal=True, rngs=nnx.Rngs(0))
 
 
-def _loss(layer, *inputs):
-    y, aux = layer(*inputs)
+def _loss(layer, x, task_ids=None, mask=None):
+    y, aux = layer(x, task_ids, mask=mask)
     # Every aux loss is in the objective, so gradients through their psum are checked too.
     loss = (jnp.sum(y * jnp.cos(y)) + aux["load_balance_loss"] + aux["router_z_loss"]
             + aux["mutual_info_loss"])
@@ -266,32 +266,9 @@ def test_tiled_experts_under_mesh_match_unsharded(monkeypatch):
                                                       ("task_tokens", None)],
                          ids=("tokens-capacity", "experts-capacity", "task_tokens-dropless"))
 def test_masked_moe_matches_unsharded(routing, capacity_factor):
-    # Padding (MoA's mask of _inputs: part of example 1, all of example 6) is not routed;
+    # Padding (part of example 1, all of example 6) is not routed;
     # on the mesh the mask travels with its examples and the same tokens are skipped.
-    layer, (x, task_ids, mask) = _moe(routing, capacity_factor, num_shared_experts=1), _inputs()
-
-    def run(mesh_shape=None):
-        graphdef, state = nnx.split(layer)
-        inputs = (x, task_ids, mask)
-        if not mesh_shape:
-            return _masked_forward_backward(graphdef, state, *inputs)
-        mesh = _mesh(mesh_shape)
-        inputs = jax.device_put(inputs, parallel.batch_sharding(mesh))
-        with jax.set_mesh(mesh):
-            return _masked_forward_backward(graphdef, state, *inputs)
-
-    reference = jax.device_get(run())
+    layer, inputs = _moe(routing, capacity_factor, num_shared_experts=1), _inputs()
+    reference = jax.device_get(_run(layer, inputs))
     assert np.all(reference["y"][6] == 0)
-    _assert_same(run((2, 4)), reference)
-
-
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
-def _masked_forward_backward(graphdef, state, x, task_ids, mask):
-    def loss(layer):
-        y, aux = layer(x, task_ids, mask=mask)
-        return (jnp.sum(y * jnp.cos(y)) + aux["load_balance_loss"] + aux["router_z_loss"]
-                + aux["mutual_info_loss"]), (y, aux)
-
-    (_, (y, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(nnx.merge(graphdef, state))
-    return {"y": y, "aux": aux, "grads": nnx.to_pure_dict(grads)}
+    _assert_same(_run(layer, inputs, (2, 4)), reference)
