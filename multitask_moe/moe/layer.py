@@ -12,6 +12,8 @@ N = B * L tokens, G groups of S tokens, E experts, K top_k, C capacity, D d_mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,14 +144,9 @@ class MoE(nnx.Module):
     routing_plan = self.make_plan(probs, deterministic, valid)
     y = self.move_tokens(groups.astype(self.dtype), routing_plan)  # [G, S, D]
 
-    stats = losses.router_stats(
-        logits.reshape(num_tokens, -1), probs.reshape(num_tokens, -1),
-        routing_plan.kept.reshape(num_tokens, -1), routing_plan.chosen.reshape(num_tokens, -1),
-        token_tasks, self.num_tasks, None if mask is None else mask.reshape(num_tokens))
+    stats = self.routing_stats(logits, probs, routing_plan, token_tasks, mask)
     aux = losses.aux_from_stats(stats, choice=self.kind.choice)
-    y = y.reshape(batch, length, self.d_model)
-    if self.shared_experts is not None:
-      y = y + self.shared_experts.dense(x) * _token_weight(mask, x.dtype)
+    y = self.add_shared_experts(y.reshape(batch, length, self.d_model), x, mask)
     return y.astype(self.dtype), aux
 
   def capacity(self, group_size: int, deterministic: bool) -> int | None:
@@ -177,8 +174,14 @@ class MoE(nnx.Module):
     return plan.token_choice(probs, self.top_k, capacity, batch_priority=self.batch_priority,
                              renormalize=self.renormalize_gates, valid=valid)
 
-  def move_tokens(self, groups: jax.Array, routing_plan: plan.Plan) -> jax.Array:
-    """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine."""
+  def move_tokens(self, groups: jax.Array, routing_plan: plan.Plan,
+                  exchange: Callable[..., jax.Array] | None = None) -> jax.Array:
+    """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine.
+
+    exchange(slots, back=...): under expert parallelism, the all-to-all that carries the
+    [G, E, C, D] slots to the devices holding their experts and back (capacity layout);
+    the only step that differs from one device.
+    """
     if routing_plan.block_size:  # dropless layout: all tokens in one sorted group
       tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]
       rows = dispatch_lib.dispatch(tokens, routing_plan, "index")[0]  # [R, D]
@@ -188,10 +191,29 @@ class MoE(nnx.Module):
     num_groups = groups.shape[0]
     rows = dispatch_lib.dispatch(groups, routing_plan, self.dispatch)  # [G, E * C, D]
     slots = rows.reshape(num_groups, self.num_experts, routing_plan.capacity, self.d_model)
+    if exchange is not None:
+      slots = exchange(slots, back=False)  # [n * G, E_loc, C, D]: this device's experts
     # The one-hot path keeps the batched-einsum experts: together they are the GShard form.
     run_experts = self.experts if self.dispatch == "index" else self.experts.batched
-    out = run_experts(slots).reshape(rows.shape)  # [G, E * C, D]
-    return dispatch_lib.combine(out, routing_plan, self.dispatch)
+    out = run_experts(slots)
+    if exchange is not None:
+      out = exchange(out, back=True)  # [G, E, C, D]
+    return dispatch_lib.combine(out.reshape(rows.shape), routing_plan, self.dispatch)
+
+  def routing_stats(self, logits: jax.Array, probs: jax.Array, routing_plan: plan.Plan,
+                    token_tasks: jax.Array | None, mask: jax.Array | None) -> dict:
+    """Summable statistics (losses.router_stats) of these tokens: logits, probs [G, S, E],
+    token_tasks [N] or None, mask of any shape with N elements or None."""
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # [N, E]
+    return losses.router_stats(
+        flat(logits), flat(probs), flat(routing_plan.kept), flat(routing_plan.chosen),
+        token_tasks, self.num_tasks, None if mask is None else mask.reshape(-1))
+
+  def add_shared_experts(self, y: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """y + the shared experts' output on x [B, L, D] (0 at padding); y if there are none."""
+    if self.shared_experts is None:
+      return y
+    return y + self.shared_experts.dense(x) * _token_weight(mask, x.dtype)
 
   def routing_group_size(self, batch: int, length: int) -> int:
     """Tokens per routing group: group_size, or one sequence when None.

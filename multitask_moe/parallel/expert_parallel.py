@@ -194,7 +194,7 @@ def _shard_inputs(batch_spec, noise, **batched):
 def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
     """Expert-parallel MoE.__call__ on the current mesh: x [B, L, D], mask [B, L] or None
     -> (y, aux)."""
-    from multitask_moe.moe.layer import _check_input, _token_weight
+    from multitask_moe.moe.layer import _check_input
 
     mesh = jax.sharding.get_abstract_mesh()
     batch, length = _check_input(x, layer.d_model)
@@ -227,25 +227,14 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
                 noise, axes, local_tokens).reshape(logits.shape)
         probs = jax.nn.softmax(logits, axis=-1)
         plan = _moe_plan(local, probs, deterministic, valid)
-        num_groups, capacity = groups.shape[0], plan.capacity
-        rows = dispatch_lib.dispatch(groups.astype(local.dtype), plan, local.dispatch)
-        slots = rows.reshape(num_groups, layer.num_experts, capacity, d_model)  # [G,E,C,D]
-        slots = _exchange(slots, num_expert_shards)  # [n * G, E_loc, C, D]
-        # The same expert computation as one device: the one-hot dispatch pairs with the
-        # batched einsum (GShard form), the index dispatch with the tiled grouped MLP.
-        run_experts = local.experts if local.dispatch == "index" else local.experts.batched
-        out = _exchange(run_experts(slots), num_expert_shards, back=True)  # [G, E, C, D]
-        y = dispatch_lib.combine(out.reshape(rows.shape), plan, local.dispatch)  # [G,S,D]
-
-        flat = lambda a: a.reshape(local_tokens, -1)  # [N_loc, E]
-        stats = losses.router_stats(
-            flat(logits), flat(probs), flat(plan.kept), flat(plan.chosen), token_tasks,
-            local.num_tasks, None if valid is None else valid.reshape(local_tokens))
+        # The single-device token movement, with the expert all-to-all around the experts.
+        y = local.move_tokens(
+            groups.astype(local.dtype), plan,
+            exchange=lambda slots, back: _exchange(slots, num_expert_shards, back=back))
+        stats = local.routing_stats(logits, probs, plan, token_tasks, valid)
         stats = jax.lax.psum(stats, axes) if axes else stats
         aux = losses.aux_from_stats(stats, choice=local.kind.choice)
-        y = y.reshape(local_batch, length, d_model)
-        if local.shared_experts is not None:
-            y = y + local.shared_experts.dense(x_local) * _token_weight(mask_local, x_local.dtype)
+        y = local.add_shared_experts(y.reshape(local_batch, length, d_model), x_local, mask_local)
         return y.astype(local.dtype), aux
 
     return jax.shard_map(
