@@ -21,9 +21,13 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith("--xla_force_host_platform_device_count")]
-    + ["--xla_force_host_platform_device_count=8"])
+    [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    + ["--xla_force_host_platform_device_count=8"]
+)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -43,9 +47,16 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 def build(args, capacity_factor):
-    return mtm.MoE(args.d_model, args.d_hidden, args.experts, args.top_k, routing="tokens",
-                   capacity_factor=capacity_factor, group_size=args.length,
-                   rngs=nnx.Rngs(0))
+    return mtm.MoE(
+        args.d_model,
+        args.d_hidden,
+        args.experts,
+        args.top_k,
+        routing="tokens",
+        capacity_factor=capacity_factor,
+        group_size=args.length,
+        rngs=nnx.Rngs(0),
+    )
 
 
 def all_to_all_bytes(args, capacity_factor, mesh) -> tuple[int, int, dict[str, int]]:
@@ -72,6 +83,7 @@ def make_step(args, capacity_factor, mesh):
         def loss(state):
             y, aux = nnx.merge(graphdef, state)(x)
             return jnp.mean(jnp.square(y)) + 0.01 * aux["load_balance_loss"]
+
         return jax.grad(loss)(state)
 
     def call():
@@ -86,8 +98,7 @@ def step_times(args, capacity_factor, mesh) -> tuple[float, float, float]:
 
     The two alternate, so drifts in machine load (a shared host) hit both sides alike.
     """
-    sharded, single = make_step(args, capacity_factor, mesh), make_step(
-        args, capacity_factor, None)
+    sharded, single = make_step(args, capacity_factor, mesh), make_step(args, capacity_factor, None)
     for _ in range(2):  # compile, warm up
         sharded(), single()
     sharded_times, single_times = [], []
@@ -97,13 +108,17 @@ def step_times(args, capacity_factor, mesh) -> tuple[float, float, float]:
             call()
             times.append(time.perf_counter() - start)
     ratios = [a / b for a, b in zip(sharded_times, single_times, strict=True)]
-    return (statistics.median(sharded_times), statistics.median(single_times),
-            statistics.median(ratios))
+    return (
+        statistics.median(sharded_times),
+        statistics.median(single_times),
+        statistics.median(ratios),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64, help="tokens per routing group")
@@ -123,25 +138,37 @@ def main() -> None:
         moved, count, counts = all_to_all_bytes(args, capacity_factor, mesh)
         minimum = 2 * tokens * args.top_k * (capacity_factor or 1.0) * args.d_model * element
         sharded, single, ratio = step_times(args, capacity_factor, mesh)
-        rows.append({
-            "capacity_factor": capacity_factor, "all_to_all_ops": count,
-            "all_gather_ops": counts["all-gather"], "all_to_all_bytes": moved,
-            "minimum_bytes": minimum, "bytes_ratio": moved / minimum,
-            "step_s_mesh": sharded, "step_s_one_device": single,
-            "step_ratio_mesh_vs_one_device": ratio,
-        })
+        rows.append(
+            {
+                "capacity_factor": capacity_factor,
+                "all_to_all_ops": count,
+                "all_gather_ops": counts["all-gather"],
+                "all_to_all_bytes": moved,
+                "minimum_bytes": minimum,
+                "bytes_ratio": moved / minimum,
+                "step_s_mesh": sharded,
+                "step_s_one_device": single,
+                "step_ratio_mesh_vs_one_device": ratio,
+            }
+        )
 
-    print(f"MoE forward on mesh data={data} x expert={expert}: tokens={tokens} "
-          f"D={args.d_model} H={args.d_hidden} E={args.experts} K={args.top_k} "
-          f"group={args.length}, float32, simulated CPU devices")
-    print(f"{'cf':>8} {'a2a ops':>7} {'a2a bytes':>11} {'minimum':>11} {'ratio':>6} "
-          f"{'step mesh':>10} {'step 1 dev':>10} {'ratio':>6}")
+    print(
+        f"MoE forward on mesh data={data} x expert={expert}: tokens={tokens} "
+        f"D={args.d_model} H={args.d_hidden} E={args.experts} K={args.top_k} "
+        f"group={args.length}, float32, simulated CPU devices"
+    )
+    print(
+        f"{'cf':>8} {'a2a ops':>7} {'a2a bytes':>11} {'minimum':>11} {'ratio':>6} "
+        f"{'step mesh':>10} {'step 1 dev':>10} {'ratio':>6}"
+    )
     for row in rows:
         label = "dropless" if row["capacity_factor"] is None else f"{row['capacity_factor']}"
-        print(f"{label:>8} {row['all_to_all_ops']:>7} {row['all_to_all_bytes']:>11,} "
-              f"{row['minimum_bytes']:>11,.0f} {row['bytes_ratio']:>6.2f} "
-              f"{row['step_s_mesh'] * 1e3:>8.1f}ms {row['step_s_one_device'] * 1e3:>8.1f}ms "
-              f"{row['step_ratio_mesh_vs_one_device']:>6.2f}")
+        print(
+            f"{label:>8} {row['all_to_all_ops']:>7} {row['all_to_all_bytes']:>11,} "
+            f"{row['minimum_bytes']:>11,.0f} {row['bytes_ratio']:>6.2f} "
+            f"{row['step_s_mesh'] * 1e3:>8.1f}ms {row['step_s_one_device'] * 1e3:>8.1f}ms "
+            f"{row['step_ratio_mesh_vs_one_device']:>6.2f}"
+        )
     result = {"config": {**vars(args), "tokens": tokens, "devices": mesh.size}, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -28,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _default_config():
     spec = importlib.util.spec_from_file_location(
-        "bench_default_config", os.path.join(REPO, "configs", "default.py"))
+        "bench_default_config", os.path.join(REPO, "configs", "default.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()

@@ -67,12 +67,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--routing", default="task_tokens", help="routing of the MoE model")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of both configs, e.g. model.moe.capacity_factor=1.0")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of both configs, e.g. model.moe.capacity_factor=1.0",
+    )
     args = parser.parse_args()
 
-    configs = {"moe": load_config("default", f"routing={args.routing}"),
-               "dense": load_config("dense")}
+    configs = {
+        "moe": load_config("default", f"routing={args.routing}"),
+        "dense": load_config("dense"),
+    }
     for item in args.set:
         key, value = item.split("=", 1)
         for config in configs.values():
@@ -109,8 +116,14 @@ def main() -> None:
             for i in range(args.warmup):
                 state, _ = experiment.train_step(state, batches[i % len(batches)])
             jax.block_until_ready(state)
-        models[name] = {"experiment": experiment, "state": state, "batches": batches,
-                        "times": [], "cpu_times": [], "peak": memory.reset()}
+        models[name] = {
+            "experiment": experiment,
+            "state": state,
+            "batches": batches,
+            "times": [],
+            "cpu_times": [],
+            "peak": memory.reset(),
+        }
 
     for _ in range(args.runs):
         for entry in models.values():  # interleaved: load on the machine hits both
@@ -147,34 +160,50 @@ def main() -> None:
     # Paired ratios (run i of MoE over run i of dense, taken back to back) are robust to
     # load that drifts over the benchmark; CPU time (all threads of this process) is
     # robust to other processes on the machine.
-    ratio = statistics.median(m / d for m, d in zip(models["moe"]["times"],
-                                                     models["dense"]["times"], strict=True))
-    cpu_ratio = statistics.median(m / d for m, d in zip(models["moe"]["cpu_times"],
-                                                         models["dense"]["cpu_times"],
-                                                         strict=True))
+    ratio = statistics.median(
+        m / d for m, d in zip(models["moe"]["times"], models["dense"]["times"], strict=True)
+    )
+    cpu_ratio = statistics.median(
+        m / d for m, d in zip(models["moe"]["cpu_times"], models["dense"]["cpu_times"], strict=True)
+    )
     summary = {
         "ratio_moe_over_dense": ratio,
         "cpu_time_ratio_moe_over_dense": cpu_ratio,
         "target_ratio": 1.3,
-        "moe": {"routing": args.routing, "num_experts": moe_cfg.moe.num_experts,
-                "top_k": moe_cfg.moe.top_k,
-                "expert_dim": moe_cfg.moe.expert_dim or moe_cfg.mlp_dim // moe_cfg.moe.top_k,
-                "capacity_factor": moe_cfg.moe.capacity_factor, "moe_every": moe_cfg.moe_every},
+        "moe": {
+            "routing": args.routing,
+            "num_experts": moe_cfg.moe.num_experts,
+            "top_k": moe_cfg.moe.top_k,
+            "expert_dim": moe_cfg.moe.expert_dim or moe_cfg.mlp_dim // moe_cfg.moe.top_k,
+            "capacity_factor": moe_cfg.moe.capacity_factor,
+            "moe_every": moe_cfg.moe_every,
+        },
         "dense_mlp_dim": configs["dense"].model.mlp_dim,
-        "runs": args.runs, "steps_per_run": args.steps, "overrides": args.set,
-        "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
+        "runs": args.runs,
+        "steps_per_run": args.steps,
+        "overrides": args.set,
+        "devices": len(jax.devices()),
+        "platform": jax.devices()[0].platform,
         "results": results,
     }
-    print(f"\ntrain step, default config ({summary['devices']} {summary['platform']} devices, "
-          f"batch {configs['moe'].batch_size}, median of {args.runs} runs x {args.steps} steps)")
-    print(f"{'model':<7}{'params':>10}{'step ms':>10}{'examples/s':>12}{'compile s':>11}"
-          f"{'peak RSS MiB':>14}")
+    print(
+        f"\ntrain step, default config ({summary['devices']} {summary['platform']} devices, "
+        f"batch {configs['moe'].batch_size}, median of {args.runs} runs x {args.steps} steps)"
+    )
+    print(
+        f"{'model':<7}{'params':>10}{'step ms':>10}{'examples/s':>12}{'compile s':>11}"
+        f"{'peak RSS MiB':>14}"
+    )
     for name, r in results.items():
-        print(f"{name:<7}{r['parameters']:>10,}{1e3 * r['step_seconds_median']:>10.1f}"
-              f"{r['examples_per_sec']:>12.0f}{r['compile_seconds']:>11.1f}"
-              f"{r['peak_host_memory_mib']:>14.0f}")
-    print(f"MoE / dense step time: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time "
-          "(median of paired runs; target <= 1.3x)")
+        print(
+            f"{name:<7}{r['parameters']:>10,}{1e3 * r['step_seconds_median']:>10.1f}"
+            f"{r['examples_per_sec']:>12.0f}{r['compile_seconds']:>11.1f}"
+            f"{r['peak_host_memory_mib']:>14.0f}"
+        )
+    print(
+        f"MoE / dense step time: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time "
+        "(median of paired runs; target <= 1.3x)"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

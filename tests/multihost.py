@@ -29,8 +29,11 @@ def child_env(process_id: int, num_processes: int, port: int, devices: int) -> d
     """The environment of one child: its own device count, the coordinator on localhost."""
     env = dict(os.environ)
     # Replace (not append to) the parent's device-count flag: conftest set 8 for itself.
-    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
-             if not flag.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        flag
+        for flag in env.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
     flags.append(f"--xla_force_host_platform_device_count={devices}")
     env.update(
         XLA_FLAGS=" ".join(flags),
@@ -42,7 +45,8 @@ def child_env(process_id: int, num_processes: int, port: int, devices: int) -> d
         # The coordinator would otherwise listen on every interface ([::]:port).
         JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
         PYTHONPATH=os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
     )
     return env
 
@@ -70,21 +74,29 @@ def run_processes(
         for index in range(num_processes):
             log = open(log_dir / f"process_{index}.log", "w")  # noqa: SIM115 closed below
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), *args],
-                env=child_env(index, num_processes, port, devices_per_process),
-                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), *args],
+                    env=child_env(index, num_processes, port, devices_per_process),
+                    cwd=REPO_ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + timeout_s
         while True:
             codes = [proc.poll() for proc in procs]
             if any(code not in (None, 0) for code in codes):
-                raise RuntimeError(f"a process failed (exit codes {codes})"
-                                   + _tails(log_dir, num_processes))
+                raise RuntimeError(
+                    f"a process failed (exit codes {codes})" + _tails(log_dir, num_processes)
+                )
             if all(code == 0 for code in codes):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"processes still running after {timeout_s:.0f}s "
-                                   f"(exit codes {codes})" + _tails(log_dir, num_processes))
+                raise TimeoutError(
+                    f"processes still running after {timeout_s:.0f}s "
+                    f"(exit codes {codes})" + _tails(log_dir, num_processes)
+                )
             time.sleep(0.2)
     finally:
         for proc in procs:

@@ -55,24 +55,42 @@ def compute(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     x, task_ids = global_inputs()
     sharding = parallel.batch_sharding(mesh)
     # The batch rows this process's devices hold, in order; only those leave the host.
-    rows = sorted({row for index in sharding.addressable_devices_indices_map(x.shape).values()
-                   for row in range(*index[0].indices(BATCH))})
+    rows = sorted(
+        {
+            row
+            for index in sharding.addressable_devices_indices_map(x.shape).values()
+            for row in range(*index[0].indices(BATCH))
+        }
+    )
     global_x = jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-    global_tasks = jax.make_array_from_process_local_data(sharding, task_ids[rows],
-                                                          task_ids.shape)
+    global_tasks = jax.make_array_from_process_local_data(sharding, task_ids[rows], task_ids.shape)
     with jax.set_mesh(mesh):
-        layer = mtm.MoE(D_MODEL, D_HIDDEN, NUM_EXPERTS, top_k=2, routing="task_tokens",
-                        capacity_factor=1.0, num_tasks=NUM_TASKS, group_size=LENGTH,
-                        num_shared_experts=1, rngs=nnx.Rngs(0))
-        local_experts = {shard.data.shape[0] for shard in layer.experts.w_in[...]
-                         .addressable_shards}
+        layer = mtm.MoE(
+            D_MODEL,
+            D_HIDDEN,
+            NUM_EXPERTS,
+            top_k=2,
+            routing="task_tokens",
+            capacity_factor=1.0,
+            num_tasks=NUM_TASKS,
+            group_size=LENGTH,
+            num_shared_experts=1,
+            rngs=nnx.Rngs(0),
+        )
+        local_experts = {
+            shard.data.shape[0] for shard in layer.experts.w_in[...].addressable_shards
+        }
         assert local_experts == {NUM_EXPERTS // 8}, local_experts  # sharded from creation
         y, aux, grads = _forward_backward(layer, global_x, global_tasks)
     out = {"y": y}
     out.update({f"aux/{key}": value for key, value in aux.items()})
     flat_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
-    out.update({"grad/" + "/".join(str(getattr(k, "key", k)) for k in path): leaf
-                for path, leaf in flat_grads})
+    out.update(
+        {
+            "grad/" + "/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in flat_grads
+        }
+    )
     return out
 
 

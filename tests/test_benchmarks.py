@@ -14,45 +14,70 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, out, *args: str) -> dict:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)  # each script sets up its own devices
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", script), f"--out={out}", *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(out) as f:
-    return json.load(f)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("XLA_FLAGS", None)  # each script sets up its own devices
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", script), f"--out={out}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
 
 
-@pytest.mark.parametrize("script, args", [
-    ("moe_layer.py", ["--tokens=256", "--d_model=16", "--d_hidden=32", "--runs=1",
-                      "--einsum_dropless_group=32"]),
-    ("expert_parallel.py", ["--batch=8", "--length=16", "--d_model=16", "--d_hidden=32",
-                            "--runs=1"]),
-], ids=["moe_layer", "expert_parallel"])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        (
+            "moe_layer.py",
+            [
+                "--tokens=256",
+                "--d_model=16",
+                "--d_hidden=32",
+                "--runs=1",
+                "--einsum_dropless_group=32",
+            ],
+        ),
+        (
+            "expert_parallel.py",
+            ["--batch=8", "--length=16", "--d_model=16", "--d_hidden=32", "--runs=1"],
+        ),
+    ],
+    ids=["moe_layer", "expert_parallel"],
+)
 def test_benchmark_runs_at_toy_size(script, args, tmp_path):
-  result = _run(script, tmp_path / "result.json", *args)
-  rows = result["rows"]
-  assert len(rows) >= 3
-  if script == "expert_parallel.py":
-    # length 16: cf * S * K / E is a whole number of slots for cf 1 and 1.25 (no rounding).
-    capacity_rows = [r for r in rows if r["capacity_factor"] is not None]
-    assert all(r["all_to_all_ops"] == 2 and r["bytes_ratio"] == 1.0 for r in capacity_rows)
-  else:
-    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    result = _run(script, tmp_path / "result.json", *args)
+    rows = result["rows"]
+    assert len(rows) >= 3
+    if script == "expert_parallel.py":
+        # length 16: cf * S * K / E is a whole number of slots for cf 1 and 1.25 (no rounding).
+        capacity_rows = [r for r in rows if r["capacity_factor"] is not None]
+        assert all(r["all_to_all_ops"] == 2 and r["bytes_ratio"] == 1.0 for r in capacity_rows)
+    else:
+        assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in rows)
 
 
 @pytest.mark.slow  # ~1 min: builds and compiles both default-size models
 def test_train_step_benchmark_runs(tmp_path):
-  result = _run("train_step.py", tmp_path / "result.json", "--runs=1", "--steps=2", "--warmup=1")
-  assert set(result["results"]) == {"moe", "dense"}
-  for entry in result["results"].values():
-    assert entry["step_seconds_median"] > 0 and entry["compile_seconds"] > 0
-    assert entry["mesh"] == {"data": 2, "expert": 4}  # the default config's mesh
-  assert result["ratio_moe_over_dense"] > 0
+    result = _run("train_step.py", tmp_path / "result.json", "--runs=1", "--steps=2", "--warmup=1")
+    assert set(result["results"]) == {"moe", "dense"}
+    for entry in result["results"].values():
+        assert entry["step_seconds_median"] > 0 and entry["compile_seconds"] > 0
+        assert entry["mesh"] == {"data": 2, "expert": 4}  # the default config's mesh
+    assert result["ratio_moe_over_dense"] > 0
 
 
 def test_input_pipeline_benchmark_runs(tmp_path):
-  result = _run("input_pipeline.py", tmp_path / "result.json", "--runs=1", "--steps=5",
-                "--warmup_steps=1", "--resume_step=1000")
-  assert result["train_examples_per_s_median"] > 0
+    result = _run(
+        "input_pipeline.py",
+        tmp_path / "result.json",
+        "--runs=1",
+        "--steps=5",
+        "--warmup_steps=1",
+        "--resume_step=1000",
+    )
+    assert result["train_examples_per_s_median"] > 0

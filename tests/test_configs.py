@@ -15,14 +15,22 @@ from multitask_moe.train import setup
 from multitask_moe.train.config_lib import parse_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs",
-                                                                           "*.py")))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
 ROUTINGS = ("tokens", "experts", "task", "task_tokens", "per_task")
 # (classes, modality, tokens) of the embedded tasks the default config uses (from the data
 # module's documented layout), so configs can be built without opening the datasets.
-DEFAULT_TASKS = {"digits/class": 10, "digits/parity": 2, "digits/rotated": 10,
-                 "digits/lowres": 10, "wine": 3, "breast_cancer": 2, "iris": 3,
-                 "synthetic/a0": 4, "synthetic/a1": 4, "synthetic/a2": 4}
+DEFAULT_TASKS = {
+    "digits/class": 10,
+    "digits/parity": 2,
+    "digits/rotated": 10,
+    "digits/lowres": 10,
+    "wine": 3,
+    "breast_cancer": 2,
+    "iris": 3,
+    "synthetic/a0": 4,
+    "synthetic/a1": 4,
+    "synthetic/a2": 4,
+}
 TABULAR = {"wine", "breast_cancer", "iris", "synthetic/a0", "synthetic/a1", "synthetic/a2"}
 DEFAULT_TOKENS = (30, 4)  # breast_cancer's 30 features; 2x2 patches of 1 channel
 TPU_TASKS = {"cifar10": 10, "cifar100": 100, "svhn_cropped": 10, "oxford_flowers102": 102}
@@ -39,8 +47,7 @@ def explicit_mesh(shape, names=("data", "expert")):
 
 def build(config, mesh, tasks, modalities, token_shape):
     setup.resolve_group_size(config, mesh, token_shape[0])
-    return setup.build(config, mesh, list(tasks), list(tasks.values()), modalities,
-                       token_shape)
+    return setup.build(config, mesh, list(tasks), list(tasks.values()), modalities, token_shape)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -49,7 +56,8 @@ def test_config_docstring_starts_with_its_command(name):
         source = f.read()
     first_line = source.split('"""')[1].splitlines()[0]
     assert first_line.startswith(
-        f"python -m multitask_moe.train --config=configs/{name}.py --workdir="), first_line
+        f"python -m multitask_moe.train --config=configs/{name}.py --workdir="
+    ), first_line
     assert load(name).num_train_steps > 0
 
 
@@ -65,14 +73,12 @@ def test_dense_config_is_the_default_with_moe_off_and_equal_active_mlp():
     default, dense = load("default"), load("dense")
     assert dense.model.moe_every == 0 and dense.model.moa_every == 0
     moe = default.model.moe
-    assert (moe.expert_dim or default.model.mlp_dim // moe.top_k) * moe.top_k == \
-        dense.model.mlp_dim
+    assert (moe.expert_dim or default.model.mlp_dim // moe.top_k) * moe.top_k == dense.model.mlp_dim
     for key in ("data", "mesh", "optimizer", "batch_size", "num_train_steps"):
         assert default[key] == dense[key], key
 
 
-@pytest.mark.parametrize("arg", [f"routing={r}" for r in ROUTINGS] + ["mod_squad",
-                                                                      "dropless"])
+@pytest.mark.parametrize("arg", [f"routing={r}" for r in ROUTINGS] + ["mod_squad", "dropless"])
 def test_default_variants_build_on_the_default_mesh(arg):
     config = load("default", arg)
     modalities = ["tabular" if t in TABULAR else "image" for t in DEFAULT_TASKS]
@@ -97,7 +103,7 @@ def per_device_bytes(abstract) -> int:
         spec, mesh = leaf.sharding.spec, leaf.sharding.mesh
         shards = 1
         for entry in spec:
-            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            for axis in entry if isinstance(entry, tuple) else (entry,):
                 shards *= mesh.shape[axis] if axis else 1
         total += leaf.size * leaf.dtype.itemsize // shards
     return total
@@ -112,7 +118,7 @@ def test_tpu_config_shapes_on_a_fake_pod_mesh():
     parallel.check_experts_divisible(config.model.moe.num_experts, mesh)
     parallel.check_experts_divisible(config.model.moa.num_experts, mesh)
     tokens = (config.data.image_size // config.data.patch_size) ** 2
-    token_shape = (tokens, config.data.patch_size ** 2 * 3)
+    token_shape = (tokens, config.data.patch_size**2 * 3)
     assert token_shape == (196, 768)
     model = build(config, mesh, TPU_TASKS, ["image"] * 4, token_shape)
     spec = model.spec
@@ -132,14 +138,17 @@ def test_tpu_config_shapes_on_a_fake_pod_mesh():
 
     # The whole train step traces on the pod mesh: shapes, shardings and the
     # expert-parallel all-to-alls are all resolved abstractly.
-    batch = setup.abstract_batch(config.batch_size, token_shape, setup.TRAIN_KEYS,
-                                 jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh)))
+    batch = setup.abstract_batch(
+        config.batch_size,
+        token_shape,
+        setup.TRAIN_KEYS,
+        jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh)),
+    )
     with jax.sharding.use_abstract_mesh(mesh):
         traced = jax.jit(model.train_fn).trace(spec.abstract, batch)
     new_state, metrics = traced.out_info
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
     assert metrics["block1/moe/expert_counts"].shape == (16,)
     assert jax.tree.structure(new_state) == jax.tree.structure(spec.abstract)
-    for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(spec.abstract),
-                        strict=True):
+    for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(spec.abstract), strict=True):
         assert new.shape == old.shape and new.dtype == old.dtype

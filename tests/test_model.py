@@ -14,12 +14,22 @@ CLASSES = (3, 2, 4)
 MODALITIES = ("image", "tabular", "image")
 
 
-def make_model(moe=None, moa=None, moe_every=0, moa_every=0, seed=0, dtype=jnp.float32,
-               depth=2):
+def make_model(moe=None, moa=None, moe_every=0, moa_every=0, seed=0, dtype=jnp.float32, depth=2):
     return models.MultitaskTransformer(
-        task_num_classes=CLASSES, task_modalities=MODALITIES, token_shape=(L, P), d_model=D,
-        depth=depth, num_heads=2, mlp_dim=32, moe=moe, moa=moa, moe_every=moe_every,
-        moa_every=moa_every, dtype=dtype, rngs=nnx.Rngs(seed))
+        task_num_classes=CLASSES,
+        task_modalities=MODALITIES,
+        token_shape=(L, P),
+        d_model=D,
+        depth=depth,
+        num_heads=2,
+        mlp_dim=32,
+        moe=moe,
+        moa=moa,
+        moe_every=moe_every,
+        moa_every=moa_every,
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+    )
 
 
 @nnx.jit(static_argnames="deterministic")
@@ -55,8 +65,9 @@ def test_tabular_stem_is_value_times_feature_direction_plus_offset():
 
 
 def test_multimodal_stem_picks_each_examples_modality():
-    stem = MultiModalStem(MODALITIES, (L, P), D, dtype=jnp.float32, param_dtype=jnp.float32,
-                          rngs=nnx.Rngs(0))
+    stem = MultiModalStem(
+        MODALITIES, (L, P), D, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
     inputs, _, task_ids = make_batch()
     out = np.asarray(stem(inputs, task_ids))
     image = np.asarray(stem.stems[0](inputs))
@@ -72,8 +83,8 @@ def test_logits_beyond_a_tasks_classes_are_masked():
     logits, aux = model(inputs, mask, task_ids, deterministic=True)
     assert logits.shape == (8, max(CLASSES)) and aux == {}
     for b, t in enumerate(np.asarray(task_ids)):
-        assert np.all(np.asarray(logits[b, CLASSES[t]:]) == models.INVALID_CLASS_LOGIT)
-        assert np.all(np.abs(np.asarray(logits[b, :CLASSES[t]])) < 1e3)
+        assert np.all(np.asarray(logits[b, CLASSES[t] :]) == models.INVALID_CLASS_LOGIT)
+        assert np.all(np.abs(np.asarray(logits[b, : CLASSES[t]])) < 1e3)
     probs = jax.nn.softmax(logits)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
 
@@ -97,8 +108,14 @@ def test_each_task_reads_only_its_own_head_and_task_embedding():
 def test_padding_tokens_do_not_change_the_prediction(sparse):
     # Dropless MoE: a token's output depends on itself only, so padding cannot leak in
     # through the expert capacity either.
-    moe = models.MoESettings(num_experts=4, top_k=2, expert_dim=16, routing="task_tokens",
-                             capacity_factor=None, eval_capacity_factor=None)
+    moe = models.MoESettings(
+        num_experts=4,
+        top_k=2,
+        expert_dim=16,
+        routing="task_tokens",
+        capacity_factor=None,
+        eval_capacity_factor=None,
+    )
     model = make_model(moe=moe if sparse else None, moe_every=1 if sparse else 0)
     randomize_heads(model)
     inputs, mask, task_ids = make_batch()
@@ -113,8 +130,7 @@ def test_placement_of_moe_and_moa_blocks():
     moe = models.MoESettings(num_experts=4, top_k=2, expert_dim=16)
     moa = models.MoASettings(num_experts=4, top_k=2, head_dim=8)
     squad = make_model(moe=moe, moa=moa, moe_every=2, moa_every=2, depth=4)
-    assert squad.sparse_layer_names() == ["block0/moa", "block1/moe", "block2/moa",
-                                          "block3/moe"]
+    assert squad.sparse_layer_names() == ["block0/moa", "block1/moe", "block2/moa", "block3/moe"]
     every = make_model(moe=moe, moe_every=1, depth=3)
     assert every.sparse_layer_names() == ["block0/moe", "block1/moe", "block2/moe"]
     assert make_model(depth=3).sparse_layer_names() == []
@@ -123,26 +139,54 @@ def test_placement_of_moe_and_moa_blocks():
 
 
 def test_moe_model_has_the_dense_models_active_parameters_per_token():
-    config = {"d_model": D, "depth": 2, "num_heads": 2, "mlp_dim": 32, "dtype": "float32",
-              "param_dtype": "float32", "moe_every": 1, "moa_every": 0,
-              "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 0, "routing": "tokens",
-                      "capacity_factor": 1.25, "eval_capacity_factor": 2.0,
-                      "num_shared_experts": 0, "renormalize_gates": False, "router_noise": 0.0,
-                      "router_init": "normal", "batch_priority": False, "group_size": None,
-                      "dispatch": "index"}}
+    config = {
+        "d_model": D,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_dim": 32,
+        "dtype": "float32",
+        "param_dtype": "float32",
+        "moe_every": 1,
+        "moa_every": 0,
+        "moe": {
+            "num_experts": 4,
+            "top_k": 2,
+            "expert_dim": 0,
+            "routing": "tokens",
+            "capacity_factor": 1.25,
+            "eval_capacity_factor": 2.0,
+            "num_shared_experts": 0,
+            "renormalize_gates": False,
+            "router_noise": 0.0,
+            "router_init": "normal",
+            "batch_priority": False,
+            "group_size": None,
+            "dispatch": "index",
+        },
+    }
     settings = models.build.moe_settings(config)
     # top_k experts of mlp_dim / top_k hidden units = one dense MLP of mlp_dim per token.
     assert settings.expert_dim * settings.top_k == config["mlp_dim"]
-    model = models.model_from_config(config, task_num_classes=CLASSES,
-                                     task_modalities=MODALITIES, token_shape=(L, P),
-                                     rngs=nnx.Rngs(0))
+    model = models.model_from_config(
+        config,
+        task_num_classes=CLASSES,
+        task_modalities=MODALITIES,
+        token_shape=(L, P),
+        rngs=nnx.Rngs(0),
+    )
     w_in = model.blocks[0].mlp.moe.experts.w_in
     assert w_in.shape == (4, D, 16)
 
 
 def test_bfloat16_activations_give_finite_float32_logits():
-    moe = models.MoESettings(num_experts=4, top_k=2, expert_dim=16, routing="task",
-                             capacity_factor=None, eval_capacity_factor=None)
+    moe = models.MoESettings(
+        num_experts=4,
+        top_k=2,
+        expert_dim=16,
+        routing="task",
+        capacity_factor=None,
+        eval_capacity_factor=None,
+    )
     model = make_model(moe=moe, moe_every=1, dtype=jnp.bfloat16)
     randomize_heads(model)
     inputs, mask, task_ids = make_batch()
@@ -157,11 +201,19 @@ def test_sharded_model_equals_the_unsharded_one(with_moa):
     8 ways) matches the single-device forward, capacity drops included."""
     batch = 16
     # One routing group per device's share (2 examples x L tokens), as training sets it.
-    moe = models.MoESettings(num_experts=8, top_k=2, expert_dim=16, routing="task_tokens",
-                             capacity_factor=1.0, eval_capacity_factor=1.0, group_size=2 * L)
+    moe = models.MoESettings(
+        num_experts=8,
+        top_k=2,
+        expert_dim=16,
+        routing="task_tokens",
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+        group_size=2 * L,
+    )
     moa = models.MoASettings(num_experts=4, top_k=2, head_dim=8, routing="task_tokens")
-    kwargs = dict(moe=moe, moa=moa if with_moa else None, moe_every=2,
-                  moa_every=2 if with_moa else 0, depth=2)
+    kwargs = dict(
+        moe=moe, moa=moa if with_moa else None, moe_every=2, moa_every=2 if with_moa else 0, depth=2
+    )
     layers = ["block0/moa", "block1/moe"] if with_moa else ["block1/moe"]
     reference = make_model(**kwargs)
     randomize_heads(reference)
@@ -173,9 +225,15 @@ def test_sharded_model_equals_the_unsharded_one(with_moa):
         sharded = make_model(**kwargs)
         leaves, treedef = jax.tree.flatten(nnx.state(sharded))
         reference_leaves = jax.tree.leaves(nnx.state(reference))
-        nnx.update(sharded, treedef.unflatten([
-            jax.device_put(ref, leaf.sharding)
-            for ref, leaf in zip(reference_leaves, leaves, strict=True)]))
+        nnx.update(
+            sharded,
+            treedef.unflatten(
+                [
+                    jax.device_put(ref, leaf.sharding)
+                    for ref, leaf in zip(reference_leaves, leaves, strict=True)
+                ]
+            ),
+        )
         w_in = sharded.blocks[1].mlp.moe.experts.w_in[...]
         assert w_in.sharding.spec[0] == "expert"
         spec = parallel.batch_sharding(mesh)
@@ -184,8 +242,8 @@ def test_sharded_model_equals_the_unsharded_one(with_moa):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert sorted(aux) == layers
     for layer in layers:
-        np.testing.assert_allclose(aux[layer]["load_balance_loss"],
-                                   ref_aux[layer]["load_balance_loss"], rtol=1e-5)
-        np.testing.assert_array_equal(aux[layer]["expert_counts"],
-                                      ref_aux[layer]["expert_counts"])
+        np.testing.assert_allclose(
+            aux[layer]["load_balance_loss"], ref_aux[layer]["load_balance_loss"], rtol=1e-5
+        )
+        np.testing.assert_array_equal(aux[layer]["expert_counts"], ref_aux[layer]["expert_counts"])
     assert float(ref_aux["block1/moe"]["dropped_fraction"]) > 0  # capacity really bites

@@ -19,8 +19,14 @@ WORKER = Path(__file__).with_name("multihost_worker.py")
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process(tmp_path):
-    run_processes(WORKER, [str(tmp_path)], log_dir=tmp_path / "logs", num_processes=2,
-                  devices_per_process=4, timeout_s=240)
+    run_processes(
+        WORKER,
+        [str(tmp_path)],
+        log_dir=tmp_path / "logs",
+        num_processes=2,
+        devices_per_process=4,
+        timeout_s=240,
+    )
     result = dict(np.load(tmp_path / "result.npz"))
 
     reference = jax.device_get(compute(parallel.make_mesh(MESH_AXES)))

@@ -42,31 +42,54 @@ def _inputs():
 
 def _moe(routing="tokens", capacity_factor=1.0, group_size=LENGTH, **options):
     # group_size=LENGTH: one routing group per sequence, so groups stay on one device.
-    return mtm.MoE(D_MODEL, D_HIDDEN, NUM_EXPERTS, TOP_K, routing=routing,
-                   capacity_factor=capacity_factor, num_tasks=NUM_TASKS, group_size=group_size,
-                   rngs=nnx.Rngs(0), **options)
+    return mtm.MoE(
+        D_MODEL,
+        D_HIDDEN,
+        NUM_EXPERTS,
+        TOP_K,
+        routing=routing,
+        capacity_factor=capacity_factor,
+        num_tasks=NUM_TASKS,
+        group_size=group_size,
+        rngs=nnx.Rngs(0),
+        **options,
+    )
 
 
 def _moa(routing="task_tokens"):
-    return mtm.MoA(D_MODEL, NUM_EXPERTS, TOP_K, head_dim=8, routing=routing,
-                   num_tasks=NUM_TASKS, causal=True, rngs=nnx.Rngs(0))
+    return mtm.MoA(
+        D_MODEL,
+        NUM_EXPERTS,
+        TOP_K,
+        head_dim=8,
+        routing=routing,
+        num_tasks=NUM_TASKS,
+        causal=True,
+        rngs=nnx.Rngs(0),
+    )
 
 
 def _loss(layer, x, task_ids=None, mask=None):
     y, aux = layer(x, task_ids, mask=mask)
     # Every aux loss is in the objective, so gradients through their psum are checked too.
-    loss = (jnp.sum(y * jnp.cos(y)) + aux["load_balance_loss"] + aux["router_z_loss"]
-            + aux["mutual_info_loss"])
+    loss = (
+        jnp.sum(y * jnp.cos(y))
+        + aux["load_balance_loss"]
+        + aux["router_z_loss"]
+        + aux["mutual_info_loss"]
+    )
     return loss, (y, aux)
 
 
 # LLVM optimization level 0: these tiny programs compile about a third faster, and the
 # reference and the sharded run share the setting, so the comparison is like for like.
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
+@functools.partial(
+    jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0}
+)
 def _forward_backward(graphdef, state, *inputs):
     (_, (y, aux)), grads = nnx.value_and_grad(_loss, has_aux=True)(
-        nnx.merge(graphdef, state), *inputs)
+        nnx.merge(graphdef, state), *inputs
+    )
     return {"y": y, "aux": aux, "grads": nnx.to_pure_dict(grads)}
 
 
@@ -94,8 +117,9 @@ def _assert_same(sharded, reference):
     got = dict(jax.tree_util.tree_flatten_with_path(sharded)[0])
     assert len(got) == len(flat)
     for path, expected in flat:
-        np.testing.assert_allclose(np.asarray(got[path]), expected, **TOLERANCE,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(got[path]), expected, **TOLERANCE, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 @pytest.mark.parametrize("mesh_shape", MESH_SHAPES, ids=lambda s: f"data{s[0]}xexpert{s[1]}")
@@ -115,8 +139,7 @@ def test_moe_matches_unsharded(routing, capacity_factor, mesh_shape):
         assert sharded["grads"]["experts"]["w_in"].sharding.spec[0] == "expert"
 
 
-@pytest.mark.parametrize("mesh_shape", ((2, 4), (1, 8)), ids=("data2xexpert4",
-                                                             "data1xexpert8"))
+@pytest.mark.parametrize("mesh_shape", ((2, 4), (1, 8)), ids=("data2xexpert4", "data1xexpert8"))
 def test_moa_matches_unsharded(mesh_shape):
     layer, inputs = _moa(), _inputs()
     _assert_same(_run(layer, inputs, mesh_shape), jax.device_get(_run(layer, inputs)))
@@ -128,8 +151,13 @@ def test_moa_matches_unsharded(mesh_shape):
         # Training noise on the router (drawn globally, as on one device), shared experts.
         {"router_noise": 0.5, "num_shared_experts": 1},
         # One-hot dispatch, batch priority, renormalized gates, eval-time capacity.
-        {"dispatch": "einsum", "batch_priority": True, "renormalize_gates": True,
-         "eval_capacity_factor": 2.0, "deterministic": True},
+        {
+            "dispatch": "einsum",
+            "batch_priority": True,
+            "renormalize_gates": True,
+            "eval_capacity_factor": 2.0,
+            "deterministic": True,
+        },
     ],
     ids=("noise-shared", "einsum-bpr-eval"),
 )
@@ -161,8 +189,7 @@ def test_expert_weights_are_drawn_sharded_not_copied():
         return jnp.zeros(shape, dtype, out_sharding=out_sharding)
 
     with jax.set_mesh(_mesh((2, 4))):
-        parallel.sharding.expert_param(recording_init, jax.random.key(0), (8, 2, 3),
-                                       jnp.float32)
+        parallel.sharding.expert_param(recording_init, jax.random.key(0), (8, 2, 3), jnp.float32)
     parallel.sharding.expert_param(recording_init, jax.random.key(0), (8, 2, 3), jnp.float32)
     assert calls == [PartitionSpec("expert", None, None), None]
 
@@ -199,8 +226,9 @@ def test_moa_hlo_has_four_all_to_alls_and_no_all_gather():
     assert counts["all-to-all"] == 4 and counts["all-gather"] == 0
 
 
-@pytest.mark.parametrize("mesh_axes", ({"data": 8, "expert": 1}, {"data": 8}),
-                         ids=("expert-axis-1", "no-expert-axis"))
+@pytest.mark.parametrize(
+    "mesh_axes", ({"data": 8, "expert": 1}, {"data": 8}), ids=("expert-axis-1", "no-expert-axis")
+)
 def test_no_all_to_all_without_expert_sharding(mesh_axes):
     layer, inputs = _moe("tokens", 1.0), _inputs()[:1]
     mesh = parallel.make_mesh(mesh_axes)
@@ -225,8 +253,11 @@ def test_bad_layouts_raise_clear_errors():
     x, task_ids, _ = _inputs()
     mesh = _mesh((2, 4))
     with jax.set_mesh(mesh):
-        with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the "
-                                             r"'expert' mesh axis size 4"):
+        with pytest.raises(
+            ValueError,
+            match=r"num_experts=6 is not divisible by the "
+            r"'expert' mesh axis size 4",
+        ):
             mtm.MoE(D_MODEL, D_HIDDEN, 6, TOP_K, rngs=nnx.Rngs(0))
     built_outside = mtm.MoE(D_MODEL, D_HIDDEN, 6, TOP_K, rngs=nnx.Rngs(0))
     layer = _moe("tokens", 1.0)
@@ -235,11 +266,17 @@ def test_bad_layouts_raise_clear_errors():
     with jax.set_mesh(mesh):
         with pytest.raises(ValueError, match=r"num_experts=6 is not divisible"):
             built_outside(x)
-        with pytest.raises(ValueError, match=r"batch size 4 is not divisible by the 8 "
-                                             r"batch shards data\(2\) x expert\(4\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"batch size 4 is not divisible by the 8 "
+            r"batch shards data\(2\) x expert\(4\)",
+        ):
             layer(x[:4])
-        with pytest.raises(ValueError, match=r"group_size=8 does not divide the 4 tokens "
-                                             r"per device"):
+        with pytest.raises(
+            ValueError,
+            match=r"group_size=8 does not divide the 4 tokens "
+            r"per device",
+        ):
             straddling(x)
         one_group(x)  # the default group, one sequence, never straddles devices
         with pytest.raises(ValueError, match=r"task_ids contain \[7\]"):
@@ -262,9 +299,11 @@ def test_tiled_experts_under_mesh_match_unsharded(monkeypatch):
     _assert_same(_run(layer, inputs, (2, 4)), reference)
 
 
-@pytest.mark.parametrize("routing, capacity_factor", [("tokens", 1.0), ("experts", 1.0),
-                                                      ("task_tokens", None)],
-                         ids=("tokens-capacity", "experts-capacity", "task_tokens-dropless"))
+@pytest.mark.parametrize(
+    "routing, capacity_factor",
+    [("tokens", 1.0), ("experts", 1.0), ("task_tokens", None)],
+    ids=("tokens-capacity", "experts-capacity", "task_tokens-dropless"),
+)
 def test_masked_moe_matches_unsharded(routing, capacity_factor):
     # Padding (part of example 1, all of example 6) is not routed;
     # on the mesh the mask travels with its examples and the same tokens are skipped.

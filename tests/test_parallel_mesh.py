@@ -67,8 +67,11 @@ def test_batch_is_split_over_data_and_expert_axes_not_model():
 def test_check_batch_divisible_names_the_shards():
     mesh = parallel.make_mesh({"data": 2, "expert": 4})
     assert parallel.check_batch_divisible(16, mesh) == 2
-    with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the 8 batch "
-                                         r"shards data\(2\) x expert\(4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch size 12 is not divisible by the 8 batch "
+        r"shards data\(2\) x expert\(4\)",
+    ):
         parallel.check_batch_divisible(12, mesh)
 
 
@@ -77,18 +80,27 @@ def test_check_experts_divisible():
     assert parallel.check_experts_divisible(8, mesh) == 2
     assert parallel.expert_axis_size(None) == 1
     assert parallel.expert_axis_size(parallel.make_mesh({"data": 8})) == 1
-    with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the 'expert' "
-                                         r"mesh axis size 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_experts=6 is not divisible by the 'expert' "
+        r"mesh axis size 4",
+    ):
         parallel.check_experts_divisible(6, mesh)
 
 
 # --- multi-host start-up (the joining itself is exercised by tests/test_multihost.py) ---
 
+
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in (*distributed._SLURM_VARS, distributed._OPEN_MPI_VAR,
-                 distributed.ENV_COORDINATOR_ADDRESS, distributed.ENV_NUM_PROCESSES,
-                 distributed.ENV_PROCESS_ID, distributed.ENV_LOCAL_DEVICE_IDS):
+    for name in (
+        *distributed._SLURM_VARS,
+        distributed._OPEN_MPI_VAR,
+        distributed.ENV_COORDINATOR_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+        distributed.ENV_LOCAL_DEVICE_IDS,
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -115,16 +127,36 @@ def test_cluster_detection_from_launcher_variables(clean_env):
     "kwargs, env, message",
     [
         ({"mode": "pod"}, {}, r"mode must be one of .*'explicit'.*got 'pod'"),
-        ({"mode": "explicit"}, {},
-         r"needs coordinator_address \(or \$MTM_COORDINATOR_ADDRESS\), num_processes"),
-        ({"mode": "explicit", "coordinator_address": "10.0.0.1:1234", "num_processes": 2},
-         {}, r"needs process_id \(or \$MTM_PROCESS_ID\)"),
-        ({"mode": "explicit"}, {"MTM_COORDINATOR_ADDRESS": "h:1", "MTM_NUM_PROCESSES": "two",
-                                "MTM_PROCESS_ID": "0"}, r"num_processes from \$MTM_NUM_PROC"),
-        ({"mode": "explicit", "coordinator_address": "nohost", "num_processes": 2,
-          "process_id": 0}, {}, r"coordinator_address must be 'host:port'"),
-        ({"mode": "explicit", "coordinator_address": "h:1", "num_processes": 2,
-          "process_id": 2}, {}, r"process_id must be an int in \[0, 2\), got 2"),
+        (
+            {"mode": "explicit"},
+            {},
+            r"needs coordinator_address \(or \$MTM_COORDINATOR_ADDRESS\), num_processes",
+        ),
+        (
+            {"mode": "explicit", "coordinator_address": "10.0.0.1:1234", "num_processes": 2},
+            {},
+            r"needs process_id \(or \$MTM_PROCESS_ID\)",
+        ),
+        (
+            {"mode": "explicit"},
+            {"MTM_COORDINATOR_ADDRESS": "h:1", "MTM_NUM_PROCESSES": "two", "MTM_PROCESS_ID": "0"},
+            r"num_processes from \$MTM_NUM_PROC",
+        ),
+        (
+            {
+                "mode": "explicit",
+                "coordinator_address": "nohost",
+                "num_processes": 2,
+                "process_id": 0,
+            },
+            {},
+            r"coordinator_address must be 'host:port'",
+        ),
+        (
+            {"mode": "explicit", "coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
+            {},
+            r"process_id must be an int in \[0, 2\), got 2",
+        ),
         ({"mode": "slurm"}, {}, r"mode='slurm' but this is not a SLURM task: missing"),
         ({"mode": "tpu"}, {}, r"mode='tpu' but this is not a Cloud TPU VM"),
         ({"mode": "tpu", "num_processes": 2}, {}, r"pass coordinator_address etc. only"),

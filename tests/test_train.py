@@ -52,7 +52,8 @@ def default_config():
     from ml_collections import config_flags
 
     return config_flags.config_flags.ConfigFileFlagParser(name="config").parse(
-        os.path.join(REPO, "configs", "default.py"))
+        os.path.join(REPO, "configs", "default.py")
+    )
 
 
 def tiny_config(**changes):
@@ -67,8 +68,13 @@ def tiny_config(**changes):
 
 
 def cli(workdir, *extra, overrides=None):
-    args = [sys.executable, "-m", "multitask_moe.train", "--config=configs/default.py",
-            f"--workdir={workdir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "multitask_moe.train",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+    ]
     args += [f"--config.{key}={value}" for key, value in (overrides or TINY).items()]
     return args + list(extra)
 
@@ -102,8 +108,7 @@ def test_loss_goes_down_on_every_task(reference):
     workdir, results = reference
     records = train_records(workdir)
     assert [r["step"] for r in records] == list(range(8, 2 * HALF + 1, 8))
-    for task, classes in zip(parse_weights(TINY["data.tasks"], "tasks"), (10, 3, 4),
-                             strict=True):
+    for task, classes in zip(parse_weights(TINY["data.tasks"], "tasks"), (10, 3, 4), strict=True):
         # Mean cross-entropy of the first and the last 8 steps (~80 examples each).
         first, last = records[0][f"train/{task}/loss"], records[-1][f"train/{task}/loss"]
         assert last < 0.92 * first, (task, first, last)
@@ -113,14 +118,28 @@ def test_loss_goes_down_on_every_task(reference):
 def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
     workdir, results = reference
     files = set(os.listdir(workdir))
-    assert {"metrics.jsonl", "tensorboard", "plots", "checkpoints", "results.txt",
-            "config.json"} <= files
-    assert sorted(os.listdir(workdir / "plots")) == ["learning_curves.png",
-                                                     "routing_block1_moe.png"]
+    assert {
+        "metrics.jsonl",
+        "tensorboard",
+        "plots",
+        "checkpoints",
+        "results.txt",
+        "config.json",
+    } <= files
+    assert sorted(os.listdir(workdir / "plots")) == [
+        "learning_curves.png",
+        "routing_block1_moe.png",
+    ]
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(HALF), str(2 * HALF)]
     record = train_records(workdir)[-1]
-    for key in ("train/task_loss", "train/aux/load_balance_loss", "train/dropped_fraction",
-                "train/block1/moe/expert_load_max", "steps_per_sec", "examples_per_sec"):
+    for key in (
+        "train/task_loss",
+        "train/aux/load_balance_loss",
+        "train/dropped_fraction",
+        "train/block1/moe/expert_load_max",
+        "steps_per_sec",
+        "examples_per_sec",
+    ):
         assert np.isfinite(record[key]), key
     evals = [r for r in read_history(str(workdir)) if "eval/iris/accuracy" in r]
     assert [r["step"] for r in evals] == [HALF, 2 * HALF]
@@ -130,7 +149,8 @@ def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
 
 
 def test_resume_from_the_midway_checkpoint_equals_the_uninterrupted_run(
-        experiment, reference, tmp_path):
+    experiment, reference, tmp_path
+):
     workdir, results = reference
     # A run that stopped at HALF (its checkpoint, written asynchronously mid-run) resumes.
     shutil.copytree(workdir / "checkpoints" / str(HALF), tmp_path / "checkpoints" / str(HALF))
@@ -156,8 +176,7 @@ def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp
     final = str(2 * HALF)
     shutil.copytree(workdir / "checkpoints" / final, tmp_path / "checkpoints" / final)
     # (2, 4) -> (1, 8): 8 experts go from 2 to 1 per device; nothing left to train.
-    restored = train_and_evaluate(tiny_config(**{"mesh.data": 1, "mesh.expert": 8}),
-                                  str(tmp_path))
+    restored = train_and_evaluate(tiny_config(**{"mesh.data": 1, "mesh.expert": 8}), str(tmp_path))
     for key, value in results.items():
         if key.endswith("/accuracy") or key.endswith("num_examples"):
             assert restored[key] == value, key
@@ -168,21 +187,40 @@ def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     # A huge learning rate: step 1 is finite, its update overflows the parameters, and
     # step 2's loss is not.
-    config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
-                            "checkpoint_every_steps": 1, "num_train_steps": 6,
-                            "eval_every_steps": 0})
-    with pytest.raises(NonFiniteLossError, match=r"at step 2; the last good checkpoint is "
-                                                 r"step 1"):
+    config = tiny_config(
+        **{
+            "optimizer.learning_rate": 1e30,
+            "optimizer.warmup_steps": 0,
+            "checkpoint_every_steps": 1,
+            "num_train_steps": 6,
+            "eval_every_steps": 0,
+        }
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"at step 2; the last good checkpoint is "
+        r"step 1",
+    ):
         train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(experiment, tmp_path):
     workdir = tmp_path / "run"
-    overrides = {**TINY, "num_train_steps": 100_000, "log_every_steps": 2,
-                 "checkpoint_every_steps": 50_000, "eval_every_steps": 0}
-    process = subprocess.Popen(cli(workdir, overrides=overrides), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    overrides = {
+        **TINY,
+        "num_train_steps": 100_000,
+        "log_every_steps": 2,
+        "checkpoint_every_steps": 50_000,
+        "eval_every_steps": 0,
+    }
+    process = subprocess.Popen(
+        cli(workdir, overrides=overrides),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (workdir / "metrics.jsonl").exists() or not train_records(workdir):
@@ -206,8 +244,10 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(experiment, tmp
 
 BAD_CONFIGS = {
     "unknown task": (["--config.data.tasks=iris=1, no_such_task=1"], "no_such_task"),
-    "experts vs expert axis": (["--config.model.moe.num_experts=6"],
-                               "num_experts=6 is not divisible by the 'expert' mesh axis"),
+    "experts vs expert axis": (
+        ["--config.model.moe.num_experts=6"],
+        "num_experts=6 is not divisible by the 'expert' mesh axis",
+    ),
     "batch vs batch axes": (["--config.batch_size=36"], "batch size 36 is not divisible"),
     "unknown key": (["--config.model.no_such_key=1"], "unknown config key 'model.no_such_key'"),
     "negative steps": (["--config.num_train_steps=-5"], "num_train_steps=-5 must be an int >= 0"),
@@ -218,9 +258,16 @@ def test_bad_configs_fail_with_one_line_and_write_nothing(tmp_path):
     processes = {}
     for name, (flags, _) in BAD_CONFIGS.items():
         workdir = tmp_path / name.replace(" ", "_")
-        processes[name] = (workdir, subprocess.Popen(
-            cli(workdir, *flags), cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True))
+        processes[name] = (
+            workdir,
+            subprocess.Popen(
+                cli(workdir, *flags),
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     for name, (workdir, process) in processes.items():
         _, stderr = process.communicate(timeout=300)
         expected = BAD_CONFIGS[name][1]
@@ -237,16 +284,23 @@ def test_prepare_raises_config_error_for_a_bad_routing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [
-    {"model.moe.routing": "tokens"}, {"model.moe.routing": "experts"},
-    {"model.moe.routing": "task"}, {"model.moe.routing": "per_task"},
-    {"model.moe.capacity_factor": None, "model.moe.eval_capacity_factor": None},
-    {"model.moa_every": 2, "model.moa.routing": "task_tokens"},
-    {"model.dtype": "bfloat16"},
-], ids=["tokens", "experts", "task", "per_task", "dropless", "moa", "bfloat16"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"model.moe.routing": "tokens"},
+        {"model.moe.routing": "experts"},
+        {"model.moe.routing": "task"},
+        {"model.moe.routing": "per_task"},
+        {"model.moe.capacity_factor": None, "model.moe.eval_capacity_factor": None},
+        {"model.moa_every": 2, "model.moa.routing": "task_tokens"},
+        {"model.dtype": "bfloat16"},
+    ],
+    ids=["tokens", "experts", "task", "per_task", "dropless", "moa", "bfloat16"],
+)
 def test_every_model_variant_trains_on_the_mesh(variant, tmp_path):
-    config = tiny_config(**{"num_train_steps": 8, "eval_every_steps": 0,
-                            "checkpoint_every_steps": 0, **variant})
+    config = tiny_config(
+        **{"num_train_steps": 8, "eval_every_steps": 0, "checkpoint_every_steps": 0, **variant}
+    )
     results = train_and_evaluate(config, str(tmp_path))
     assert all(np.isfinite(value) for value in results.values())
     assert all(np.isfinite(r["train/loss"]) for r in train_records(tmp_path))

@@ -19,9 +19,11 @@ from multitask_moe.train.evaluate import results_table
 
 def settings(num_tasks=3, task_weights=None, aux=None, layers=()):
     return step.LossSettings(
-        num_tasks=num_tasks, task_weights=tuple(task_weights or [1.0] * num_tasks),
+        num_tasks=num_tasks,
+        task_weights=tuple(task_weights or [1.0] * num_tasks),
         aux_weights=aux or {"load_balance": 0.0, "router_z": 0.0, "mutual_info": 0.0},
-        sparse_layers=tuple(layers))
+        sparse_layers=tuple(layers),
+    )
 
 
 def test_task_loss_is_the_mean_over_present_tasks_of_per_task_means():
@@ -29,8 +31,9 @@ def test_task_loss_is_the_mean_over_present_tasks_of_per_task_means():
     ce = rng.uniform(0.1, 3.0, size=12).astype(np.float32)
     task_ids = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 0])  # task 1 absent
     weights = [1.0, 5.0, 0.5]
-    loss, sums, counts = step.task_loss(jnp.asarray(ce), jnp.asarray(task_ids),
-                                        settings(task_weights=weights))
+    loss, sums, counts = step.task_loss(
+        jnp.asarray(ce), jnp.asarray(task_ids), settings(task_weights=weights)
+    )
     # Reference: plain loop over the tasks that occur.
     means = {t: ce[task_ids == t].mean() for t in (0, 2)}
     expected = (weights[0] * means[0] + weights[2] * means[2]) / (weights[0] + weights[2])
@@ -42,16 +45,22 @@ def test_task_loss_is_the_mean_over_present_tasks_of_per_task_means():
 
 
 def test_task_loss_of_a_batch_whose_tasks_all_weigh_zero_is_zero():
-    loss, _, _ = step.task_loss(jnp.ones(4), jnp.zeros(4, jnp.int32),
-                                settings(task_weights=[0.0, 1.0, 1.0]))
+    loss, _, _ = step.task_loss(
+        jnp.ones(4), jnp.zeros(4, jnp.int32), settings(task_weights=[0.0, 1.0, 1.0])
+    )
     assert float(loss) == 0.0
 
 
 def test_aux_loss_sums_layers_with_the_configured_weights():
     def layer_aux(lb, z, mi):
-        return {"load_balance_loss": jnp.float32(lb), "router_z_loss": jnp.float32(z),
-                "mutual_info_loss": jnp.float32(mi), "dropped_fraction": jnp.float32(0.1),
-                "router_entropy": jnp.float32(1.0), "expert_counts": jnp.ones(4)}
+        return {
+            "load_balance_loss": jnp.float32(lb),
+            "router_z_loss": jnp.float32(z),
+            "mutual_info_loss": jnp.float32(mi),
+            "dropped_fraction": jnp.float32(0.1),
+            "router_entropy": jnp.float32(1.0),
+            "expert_counts": jnp.ones(4),
+        }
 
     aux = {"block1/moe": layer_aux(1.0, 2.0, -0.5), "block3/moe": layer_aux(3.0, 4.0, -0.25)}
     weights = {"load_balance": 0.01, "router_z": 0.001, "mutual_info": 0.5}
@@ -59,27 +68,52 @@ def test_aux_loss_sums_layers_with_the_configured_weights():
     np.testing.assert_allclose(total, 0.01 * 4.0 + 0.001 * 6.0 + 0.5 * -0.75, rtol=1e-6)
     np.testing.assert_allclose(logged["aux/router_z_loss"], 6.0)
     with pytest.raises(KeyError):  # a layer without a contract key is an error, not a 0
-        step.aux_loss({"block1/moe": {"load_balance_loss": jnp.float32(1)}},
-                      settings(aux=weights, layers=["block1/moe"]))
+        step.aux_loss(
+            {"block1/moe": {"load_balance_loss": jnp.float32(1)}},
+            settings(aux=weights, layers=["block1/moe"]),
+        )
 
 
 def tiny_setup(skip_nonfinite):
     model = models.MultitaskTransformer(
-        task_num_classes=(3, 2), task_modalities=("image", "tabular"), token_shape=(4, 2),
-        d_model=8, depth=1, num_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+        task_num_classes=(3, 2),
+        task_modalities=("image", "tabular"),
+        token_shape=(4, 2),
+        d_model=8,
+        depth=1,
+        num_heads=2,
+        mlp_dim=16,
+        rngs=nnx.Rngs(0),
+    )
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    opt = ml_collections.ConfigDict(dict(
-        learning_rate=0.05, warmup_steps=0, end_learning_rate_factor=1.0, b1=0.9, b2=0.99,
-        weight_decay=0.0, grad_clip_norm=1.0))
+    opt = ml_collections.ConfigDict(
+        dict(
+            learning_rate=0.05,
+            warmup_steps=0,
+            end_learning_rate_factor=1.0,
+            b1=0.9,
+            b2=0.99,
+            weight_decay=0.0,
+            grad_clip_norm=1.0,
+        )
+    )
     tx, schedule = state.make_optimizer(opt, 100)
-    train_state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                   "model_state": model_state, "opt_state": tx.init(params)}
-    fn = step.make_train_step(graphdef, tx, schedule, settings(num_tasks=2),
-                              skip_nonfinite=skip_nonfinite)
+    train_state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "model_state": model_state,
+        "opt_state": tx.init(params),
+    }
+    fn = step.make_train_step(
+        graphdef, tx, schedule, settings(num_tasks=2), skip_nonfinite=skip_nonfinite
+    )
     rng = np.random.default_rng(0)
-    batch = {"inputs": jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32),
-             "mask": jnp.ones((8, 4), bool), "label": jnp.asarray([0, 1, 2, 0, 1, 0, 1, 1]),
-             "task_id": jnp.asarray([0, 1, 0, 1, 0, 1, 0, 1], jnp.int32)}
+    batch = {
+        "inputs": jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32),
+        "mask": jnp.ones((8, 4), bool),
+        "label": jnp.asarray([0, 1, 2, 0, 1, 0, 1, 1]),
+        "task_id": jnp.asarray([0, 1, 0, 1, 0, 1, 0, 1], jnp.int32),
+    }
     return jax.jit(fn), train_state, batch
 
 
@@ -120,12 +154,21 @@ def test_schedule_warms_up_then_decays_by_cosine():
 
 def test_weight_decay_skips_biases_norms_and_embeddings():
     model = models.MultitaskTransformer(
-        task_num_classes=(3,), task_modalities=("tabular",), token_shape=(4, 2), d_model=8,
-        depth=1, num_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+        task_num_classes=(3,),
+        task_modalities=("tabular",),
+        token_shape=(4, 2),
+        d_model=8,
+        depth=1,
+        num_heads=2,
+        mlp_dim=16,
+        rngs=nnx.Rngs(0),
+    )
     params = nnx.state(model, nnx.Param)
     mask = step.weight_decay_mask(params)
-    flat = {jax.tree_util.keystr(path): value
-            for path, value in jax.tree_util.tree_leaves_with_path(mask)}
+    flat = {
+        jax.tree_util.keystr(path): value
+        for path, value in jax.tree_util.tree_leaves_with_path(mask)
+    }
     decayed = {key for key, value in flat.items() if value}
     assert any("head_kernel" in key for key in decayed)
     assert any("fc_in" in key and "kernel" in key for key in decayed)
@@ -135,12 +178,21 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
 def test_train_meter_averages_an_interval():
     meter = metrics.TrainMeter(["a", "b"], ["block1/moe"])
     for loss, counts in ((1.0, [2, 0]), (3.0, [1, 3])):
-        meter.add({"loss": loss, "task_loss": loss, "grad_norm": 1.0, "learning_rate": 0.1,
-                   "nonfinite": False, "task_loss_sum": np.array([2.0 * counts[0], counts[1]]),
-                   "task_count": np.array(counts, float), "aux/load_balance_loss": loss,
-                   "block1/moe/dropped_fraction": 0.5 * loss,
-                   "block1/moe/router_entropy": 1.0,
-                   "block1/moe/expert_counts": np.array([3.0, 1.0])})
+        meter.add(
+            {
+                "loss": loss,
+                "task_loss": loss,
+                "grad_norm": 1.0,
+                "learning_rate": 0.1,
+                "nonfinite": False,
+                "task_loss_sum": np.array([2.0 * counts[0], counts[1]]),
+                "task_count": np.array(counts, float),
+                "aux/load_balance_loss": loss,
+                "block1/moe/dropped_fraction": 0.5 * loss,
+                "block1/moe/router_entropy": 1.0,
+                "block1/moe/expert_counts": np.array([3.0, 1.0]),
+            }
+        )
     out = meter.summary()
     assert out["train/loss"] == 2.0 and out["train/aux/load_balance_loss"] == 2.0
     assert out["train/a/loss"] == 2.0  # (2*2 + 2*1) / 3 examples
@@ -166,8 +218,13 @@ def test_metric_writer_appends_flat_records_and_truncates_on_resume(tmp_path):
 
 
 def test_results_table_lists_every_task_with_chance():
-    scalars = {"eval/a/accuracy": 0.9, "eval/a/loss": 0.3, "eval/b/accuracy": 0.75,
-               "eval/b/loss": 0.6, "eval/mean_accuracy": 0.825}
+    scalars = {
+        "eval/a/accuracy": 0.9,
+        "eval/a/loss": 0.3,
+        "eval/b/accuracy": 0.75,
+        "eval/b/loss": 0.6,
+        "eval/mean_accuracy": 0.825,
+    }
     table = results_table(["a", "b"], [10, 2], ["image", "tabular"], {"eval": scalars})
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["task", "modality", "classes", "chance"]
@@ -190,13 +247,27 @@ def test_config_arg_and_weight_parsing():
 
 
 def test_optimizer_state_keeps_parameter_structure():
-    _, params, _ = nnx.split(models.MultitaskTransformer(
-        task_num_classes=(3,), task_modalities=("image",), token_shape=(4, 2), d_model=8,
-        depth=1, num_heads=2, mlp_dim=16, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    _, params, _ = nnx.split(
+        models.MultitaskTransformer(
+            task_num_classes=(3,),
+            task_modalities=("image",),
+            token_shape=(4, 2),
+            d_model=8,
+            depth=1,
+            num_heads=2,
+            mlp_dim=16,
+            rngs=nnx.Rngs(0),
+        ),
+        nnx.Param,
+        ...,
+    )
     tx, _ = state.make_optimizer(config_lib.base_config().optimizer, 10)
     opt_state = tx.init(params)
-    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
-        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     assert jax.tree.structure(adam[0].mu) == jax.tree.structure(params)
 
@@ -204,23 +275,51 @@ def test_optimizer_state_keeps_parameter_structure():
 def test_mutual_information_loss_trains_when_a_task_is_missing_from_the_batch():
     """Mod-Squad's MI loss (weight > 0) with a task absent from the batch: its P(t) = 0 row
     must give finite gradients, not 0 * inf = NaN."""
-    moe = models.MoESettings(num_experts=4, top_k=2, expert_dim=8, routing="per_task",
-                             router_init="zeros", capacity_factor=None,
-                             eval_capacity_factor=None)
+    moe = models.MoESettings(
+        num_experts=4,
+        top_k=2,
+        expert_dim=8,
+        routing="per_task",
+        router_init="zeros",
+        capacity_factor=None,
+        eval_capacity_factor=None,
+    )
     model = models.MultitaskTransformer(
-        task_num_classes=(3, 2, 2), task_modalities=("image",) * 3, token_shape=(4, 2),
-        d_model=8, depth=2, num_heads=2, mlp_dim=16, moe=moe, moe_every=2, rngs=nnx.Rngs(0))
+        task_num_classes=(3, 2, 2),
+        task_modalities=("image",) * 3,
+        token_shape=(4, 2),
+        d_model=8,
+        depth=2,
+        num_heads=2,
+        mlp_dim=16,
+        moe=moe,
+        moe_every=2,
+        rngs=nnx.Rngs(0),
+    )
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     tx, schedule = state.make_optimizer(config_lib.base_config().optimizer, 10)
     aux = {"load_balance": 0.0, "router_z": 0.0, "mutual_info": 0.005}
-    fn = jax.jit(step.make_train_step(graphdef, tx, schedule,
-                                      settings(num_tasks=3, aux=aux, layers=["block1/moe"]),
-                                      skip_nonfinite=False))
-    train_state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                   "model_state": model_state, "opt_state": tx.init(params)}
-    batch = {"inputs": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 2)), jnp.float32),
-             "mask": jnp.ones((6, 4), bool), "label": jnp.zeros(6, jnp.int32),
-             "task_id": jnp.asarray([0, 2, 0, 2, 0, 2], jnp.int32)}  # task 1 absent
+    fn = jax.jit(
+        step.make_train_step(
+            graphdef,
+            tx,
+            schedule,
+            settings(num_tasks=3, aux=aux, layers=["block1/moe"]),
+            skip_nonfinite=False,
+        )
+    )
+    train_state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "model_state": model_state,
+        "opt_state": tx.init(params),
+    }
+    batch = {
+        "inputs": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 2)), jnp.float32),
+        "mask": jnp.ones((6, 4), bool),
+        "label": jnp.zeros(6, jnp.int32),
+        "task_id": jnp.asarray([0, 2, 0, 2, 0, 2], jnp.int32),
+    }  # task 1 absent
     _, m = fn(train_state, batch)
     assert np.isfinite(float(m["aux/mutual_info_loss"]))
     assert np.isfinite(float(m["grad_norm"])), "NaN gradient from the MI loss"

@@ -1,10 +1,10 @@
 """Multitask transformer built from the MoE / MoA layers.
 
-    from multitask_moe import models
-    model = models.model_from_config(config.model, task_num_classes=[10, 3],
-                                     task_modalities=["image", "tabular"],
-                                     token_shape=(30, 4), rngs=nnx.Rngs(0))
-    logits, aux = model(inputs, mask, task_ids, deterministic=False)
+from multitask_moe import models
+model = models.model_from_config(config.model, task_num_classes=[10, 3],
+                                 task_modalities=["image", "tabular"],
+                                 token_shape=(30, 4), rngs=nnx.Rngs(0))
+logits, aux = model(inputs, mask, task_ids, deterministic=False)
 """
 
 from multitask_moe.models.blocks import Block, MoASettings, MoESettings

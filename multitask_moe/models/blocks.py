@@ -55,8 +55,7 @@ class DenseMLP(nnx.Module):
 
     def __init__(self, d_model: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.fc_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, param_dtype=param_dtype,
-                                 rngs=rngs)
+        self.fc_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         del task_ids, mask, deterministic  # same call shape as the sparse layers
@@ -66,17 +65,36 @@ class DenseMLP(nnx.Module):
 class SparseMLP(nnx.Module):
     """`multitask_moe.MoE` in the block call shape."""
 
-    def __init__(self, d_model: int, settings: MoESettings, num_tasks: int, *, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        settings: MoESettings,
+        num_tasks: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.moe = MoE(
-            d_model, settings.expert_dim, settings.num_experts, settings.top_k,
-            routing=settings.routing, capacity_factor=settings.capacity_factor,
-            num_tasks=num_tasks, eval_capacity_factor=settings.eval_capacity_factor,
+            d_model,
+            settings.expert_dim,
+            settings.num_experts,
+            settings.top_k,
+            routing=settings.routing,
+            capacity_factor=settings.capacity_factor,
+            num_tasks=num_tasks,
+            eval_capacity_factor=settings.eval_capacity_factor,
             num_shared_experts=settings.num_shared_experts,
-            renormalize_gates=settings.renormalize_gates, router_noise=settings.router_noise,
-            router_init=settings.router_init, batch_priority=settings.batch_priority,
-            group_size=settings.group_size, dispatch=settings.dispatch, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs)
+            renormalize_gates=settings.renormalize_gates,
+            router_noise=settings.router_noise,
+            router_init=settings.router_init,
+            batch_priority=settings.batch_priority,
+            group_size=settings.group_size,
+            dispatch=settings.dispatch,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         # Padding is not routed: it takes no capacity and stays out of the routing stats.
@@ -90,8 +108,14 @@ class DenseAttention(nnx.Module):
         if d_model % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
         self.attention = nnx.MultiHeadAttention(
-            num_heads, d_model, dtype=dtype, param_dtype=param_dtype, decode=False,
-            keep_rngs=False, rngs=rngs)
+            num_heads,
+            d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            decode=False,
+            keep_rngs=False,
+            rngs=rngs,
+        )
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         del task_ids
@@ -104,11 +128,27 @@ class DenseAttention(nnx.Module):
 class SparseAttention(nnx.Module):
     """`multitask_moe.MoA` (mixture of attention heads) in the block call shape."""
 
-    def __init__(self, d_model: int, settings: MoASettings, num_tasks: int, *, dtype,
-                 param_dtype, rngs: nnx.Rngs):
-        self.moa = MoA(d_model, settings.num_experts, settings.top_k, settings.head_dim,
-                       routing=settings.routing, num_tasks=num_tasks, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        d_model: int,
+        settings: MoASettings,
+        num_tasks: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.moa = MoA(
+            d_model,
+            settings.num_experts,
+            settings.top_k,
+            settings.head_dim,
+            routing=settings.routing,
+            num_tasks=num_tasks,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         return self.moa(x, task_ids, mask=mask, deterministic=deterministic)
@@ -133,15 +173,20 @@ class Block(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = nnx.LayerNorm(d_model, **kw)
         self.attention = (
-            SparseAttention(d_model, moa, num_tasks, **kw) if moa is not None
-            else DenseAttention(d_model, num_heads, **kw))
+            SparseAttention(d_model, moa, num_tasks, **kw)
+            if moa is not None
+            else DenseAttention(d_model, num_heads, **kw)
+        )
         self.mlp_norm = nnx.LayerNorm(d_model, **kw)
         self.mlp = (
-            SparseMLP(d_model, moe, num_tasks, **kw) if moe is not None
-            else DenseMLP(d_model, mlp_dim, **kw))
+            SparseMLP(d_model, moe, num_tasks, **kw)
+            if moe is not None
+            else DenseMLP(d_model, mlp_dim, **kw)
+        )
 
-    def __call__(self, x: jax.Array, *, task_ids: jax.Array, mask: jax.Array,
-                 deterministic: bool) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+    def __call__(
+        self, x: jax.Array, *, task_ids: jax.Array, mask: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
         aux = {}
         kw = dict(task_ids=task_ids, mask=mask, deterministic=deterministic)
         h, attn_aux = self.attention(self.attn_norm(x), **kw)
@@ -153,5 +198,3 @@ class Block(nnx.Module):
         if mlp_aux is not None:
             aux["moe"] = mlp_aux
         return x, aux
-
-

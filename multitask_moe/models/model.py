@@ -76,7 +76,8 @@ class MultitaskTransformer(nnx.Module):
         if num_tasks < 1 or len(task_modalities) != num_tasks:
             raise ValueError(
                 f"need one modality per task and at least one task, got {len(task_num_classes)}"
-                f" class counts and {len(task_modalities)} modalities")
+                f" class counts and {len(task_modalities)} modalities"
+            )
         if min(task_num_classes) < 2:
             raise ValueError(f"every task needs >= 2 classes, got {list(task_num_classes)}")
         if depth < 1:
@@ -94,25 +95,38 @@ class MultitaskTransformer(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.normal(stddev=0.02)
 
-        self.stem = MultiModalStem(task_modalities, token_shape, d_model, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+        self.stem = MultiModalStem(
+            task_modalities, token_shape, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.position_embedding = nnx.Param(
-            init(rngs.params(), (num_tokens, d_model), param_dtype))  # [L, D]
+            init(rngs.params(), (num_tokens, d_model), param_dtype)
+        )  # [L, D]
         # One learned vector per task, added to every token before every block (Mod-Squad).
         self.task_embedding = nnx.Param(
-            init(rngs.params(), (num_tasks, d_model), param_dtype))  # [T, D]
-        self.blocks = nnx.List([
-            Block(d_model, num_heads, mlp_dim, num_tasks,
-                  moe=moe if i in self.moe_blocks else None,
-                  moa=moa if i in self.moa_blocks else None,
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for i in range(depth)
-        ])
+            init(rngs.params(), (num_tasks, d_model), param_dtype)
+        )  # [T, D]
+        self.blocks = nnx.List(
+            [
+                Block(
+                    d_model,
+                    num_heads,
+                    mlp_dim,
+                    num_tasks,
+                    moe=moe if i in self.moe_blocks else None,
+                    moa=moa if i in self.moa_blocks else None,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for i in range(depth)
+            ]
+        )
         self.final_norm = nnx.LayerNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Batched heads: task t reads head_kernel[t] [D, C]; zero-initialized so every task
         # starts at the uniform prediction over its own classes.
         self.head_kernel = nnx.Param(
-            jnp.zeros((num_tasks, d_model, self.max_classes), param_dtype))  # [T, D, C]
+            jnp.zeros((num_tasks, d_model, self.max_classes), param_dtype)
+        )  # [T, D, C]
         self.head_bias = nnx.Param(jnp.zeros((num_tasks, self.max_classes), param_dtype))  # [T, C]
 
     def sparse_layer_names(self) -> list[str]:
@@ -140,8 +154,9 @@ class MultitaskTransformer(nnx.Module):
         task_vector = task_vector[:, None]  # [B, 1, D]
         aux = {}
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x + task_vector, task_ids=task_ids, mask=mask,
-                                 deterministic=deterministic)
+            x, block_aux = block(
+                x + task_vector, task_ids=task_ids, mask=mask, deterministic=deterministic
+            )
             aux.update({f"block{i}/{kind}": value for kind, value in block_aux.items()})
         x = self.final_norm(x).astype(jnp.float32)  # [B, L, D]
         weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]

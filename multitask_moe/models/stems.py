@@ -27,8 +27,9 @@ class ImageStem(nnx.Module):
     """Patch embedding: a Dense layer over each flattened patch, [B, L, P] -> [B, L, D]."""
 
     def __init__(self, patch_features: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(patch_features, d_model, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+        self.proj = nnx.Linear(
+            patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         return self.proj(inputs)  # [B, L, D]
@@ -45,7 +46,8 @@ class TabularStem(nnx.Module):
     def __init__(self, num_tokens: int, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(stddev=1.0 / np.sqrt(d_model))
         self.feature_embedding = nnx.Param(
-            init(rngs.params(), (num_tokens, d_model), param_dtype))  # [L, D]
+            init(rngs.params(), (num_tokens, d_model), param_dtype)
+        )  # [L, D]
         self.feature_bias = nnx.Param(jnp.zeros((num_tokens, d_model), param_dtype))  # [L, D]
         self.dtype = dtype
 
@@ -82,13 +84,16 @@ class MultiModalStem(nnx.Module):
         self.modalities = tuple(m for m in MODALITIES if m in task_modalities)
         # [T] index into self.modalities: a static tuple (part of the graph, not the state).
         self.task_modality = tuple(self.modalities.index(m) for m in task_modalities)
-        self.stems = nnx.List([
-            ImageStem(patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            if modality == "image"
-            else TabularStem(num_tokens, d_model, dtype=dtype, param_dtype=param_dtype,
-                             rngs=rngs)
-            for modality in self.modalities
-        ])
+        self.stems = nnx.List(
+            [
+                ImageStem(patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                if modality == "image"
+                else TabularStem(
+                    num_tokens, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
+                for modality in self.modalities
+            ]
+        )
 
     def __call__(self, inputs: jax.Array, task_ids: jax.Array) -> jax.Array:
         outputs = [stem(inputs) for stem in self.stems]  # each [B, L, D]
@@ -99,4 +104,3 @@ class MultiModalStem(nnx.Module):
         for index, out in enumerate(outputs[1:], start=1):
             tokens = jnp.where((modality == index)[:, None, None], out, tokens)
         return tokens  # [B, L, D]
-

@@ -7,5 +7,14 @@ from multitask_moe.moe.losses import aux_from_stats, mutual_info_loss, router_st
 from multitask_moe.moe.plan import Plan
 from multitask_moe.moe.routing import ROUTING_KINDS, Router
 
-__all__ = ["MoE", "MoA", "Experts", "Router", "Plan", "ROUTING_KINDS", "aux_from_stats",
-           "mutual_info_loss", "router_stats"]
+__all__ = [
+    "MoE",
+    "MoA",
+    "Experts",
+    "Router",
+    "Plan",
+    "ROUTING_KINDS",
+    "aux_from_stats",
+    "mutual_info_loss",
+    "router_stats",
+]

@@ -22,9 +22,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-  if name not in ACTIVATIONS:
-    raise ValueError(f"activation={name!r} is not allowed; allowed: {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not allowed; allowed: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 # Hidden activations up to this size (a typical L2 cache) run as one batched einsum.
@@ -32,74 +32,86 @@ BATCHED_HIDDEN_BYTES = 2 << 20
 
 
 class Experts(nnx.Module):
-  """w_in [E, D, H], w_out [E, H, D]; expert e computes act(x @ w_in[e]) @ w_out[e]."""
+    """w_in [E, D, H], w_out [E, H, D]; expert e computes act(x @ w_in[e]) @ w_out[e]."""
 
-  def __init__(
-      self,
-      num_experts: int,
-      d_model: int,
-      d_hidden: int,
-      *,
-      activation: str = "gelu",
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      sharded: bool = True,
-      rngs: nnx.Rngs,
-  ):
-    self.activation = activation
-    self.act = activation_fn(activation)
-    self.dtype = dtype
-    # Per-expert fan-in init, as for E separate Dense layers.
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                             out_axis=-1, batch_axis=(0,))
-    # Routed experts are sharded over the mesh's 'expert' axis from creation when built
-    # under jax.set_mesh; shared experts (sharded=False) serve every token: replicated.
-    make = expert_param if sharded else (lambda init, *args: nnx.Param(init(*args)))
-    self.w_in = make(init, rngs.params(), (num_experts, d_model, d_hidden), param_dtype)
-    self.w_out = make(init, rngs.params(), (num_experts, d_hidden, d_model), param_dtype)
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        *,
+        activation: str = "gelu",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        sharded: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.dtype = dtype
+        # Per-expert fan-in init, as for E separate Dense layers.
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+        )
+        # Routed experts are sharded over the mesh's 'expert' axis from creation when built
+        # under jax.set_mesh; shared experts (sharded=False) serve every token: replicated.
+        make = expert_param if sharded else (lambda init, *args: nnx.Param(init(*args)))
+        self.w_in = make(init, rngs.params(), (num_experts, d_model, d_hidden), param_dtype)
+        self.w_out = make(init, rngs.params(), (num_experts, d_hidden, d_model), param_dtype)
 
-  @property
-  def num_experts(self) -> int:
-    return self.w_in.shape[0]
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
 
-  def __call__(self, slots: jax.Array, *, tile: int = 256,
-               max_batched_hidden_bytes: int | None = None) -> jax.Array:
-    """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group.
+    def __call__(
+        self, slots: jax.Array, *, tile: int = 256, max_batched_hidden_bytes: int | None = None
+    ) -> jax.Array:
+        """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group.
 
-    Tiling pays when the hidden activations of all slots would not stay in cache; below
-    `max_batched_hidden_bytes` of them (default BATCHED_HIDDEN_BYTES, read at trace time)
-    one batched einsum has no loop overhead and wins.
-    Above it, a tiled grouped matmul over expert-major rows (grouped.py), with the tile
-    shrunk so that equal tiles cover each expert's run (no recomputed rows).
-    """
-    num_groups, num_experts, capacity, d_model = slots.shape
-    hidden_bytes = (num_groups * num_experts * capacity * self.w_in.shape[-1]
-                    * jnp.dtype(self.dtype).itemsize)
-    if max_batched_hidden_bytes is None:
-      max_batched_hidden_bytes = BATCHED_HIDDEN_BYTES
-    if hidden_bytes <= max_batched_hidden_bytes:
-      return self.batched(slots)
-    rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
-    run = num_groups * capacity
-    num_tiles = -(-run // tile)
-    row_bounds = jnp.arange(num_experts + 1, dtype=jnp.int32) * run
-    out = self.grouped(rows, row_bounds, -(-run // num_tiles))
-    return out.reshape(num_experts, num_groups, capacity, d_model).transpose(1, 0, 2, 3)
+        Tiling pays when the hidden activations of all slots would not stay in cache; below
+        `max_batched_hidden_bytes` of them (default BATCHED_HIDDEN_BYTES, read at trace time)
+        one batched einsum has no loop overhead and wins.
+        Above it, a tiled grouped matmul over expert-major rows (grouped.py), with the tile
+        shrunk so that equal tiles cover each expert's run (no recomputed rows).
+        """
+        num_groups, num_experts, capacity, d_model = slots.shape
+        hidden_bytes = (
+            num_groups
+            * num_experts
+            * capacity
+            * self.w_in.shape[-1]
+            * jnp.dtype(self.dtype).itemsize
+        )
+        if max_batched_hidden_bytes is None:
+            max_batched_hidden_bytes = BATCHED_HIDDEN_BYTES
+        if hidden_bytes <= max_batched_hidden_bytes:
+            return self.batched(slots)
+        rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
+        run = num_groups * capacity
+        num_tiles = -(-run // tile)
+        row_bounds = jnp.arange(num_experts + 1, dtype=jnp.int32) * run
+        out = self.grouped(rows, row_bounds, -(-run // num_tiles))
+        return out.reshape(num_experts, num_groups, capacity, d_model).transpose(1, 0, 2, 3)
 
-  def batched(self, slots: jax.Array) -> jax.Array:
-    """Same as __call__ as one batched einsum per matmul (the GShard / V-MoE form)."""
-    w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-    hidden = self.act(jnp.einsum("gecd,edh->gech", slots.astype(self.dtype), w_in))
-    return jnp.einsum("gech,ehd->gecd", hidden, w_out)
+    def batched(self, slots: jax.Array) -> jax.Array:
+        """Same as __call__ as one batched einsum per matmul (the GShard / V-MoE form)."""
+        w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+        hidden = self.act(jnp.einsum("gecd,edh->gech", slots.astype(self.dtype), w_in))
+        return jnp.einsum("gech,ehd->gecd", hidden, w_out)
 
-  def grouped(self, rows: jax.Array, row_bounds: jax.Array, tile: int) -> jax.Array:
-    """rows [R, D] sorted by expert, expert e in [row_bounds[e], row_bounds[e + 1])."""
-    return grouped_mlp(self.act, tile, rows.astype(self.dtype),
-                       self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype),
-                       row_bounds)
+    def grouped(self, rows: jax.Array, row_bounds: jax.Array, tile: int) -> jax.Array:
+        """rows [R, D] sorted by expert, expert e in [row_bounds[e], row_bounds[e + 1])."""
+        return grouped_mlp(
+            self.act,
+            tile,
+            rows.astype(self.dtype),
+            self.w_in[...].astype(self.dtype),
+            self.w_out[...].astype(self.dtype),
+            row_bounds,
+        )
 
-  def dense(self, x: jax.Array) -> jax.Array:
-    """Every token through every expert, summed: x [..., D] -> [..., D] (shared experts)."""
-    w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-    hidden = self.act(jnp.einsum("...d,edh->...eh", x.astype(self.dtype), w_in))
-    return jnp.einsum("...eh,ehd->...d", hidden, w_out)
+    def dense(self, x: jax.Array) -> jax.Array:
+        """Every token through every expert, summed: x [..., D] -> [..., D] (shared experts)."""
+        w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+        hidden = self.act(jnp.einsum("...d,edh->...eh", x.astype(self.dtype), w_in))
+        return jnp.einsum("...eh,ehd->...d", hidden, w_out)

@@ -19,13 +19,13 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class RoutingKind:
-  token_term: str | None  # None | "shared" (x . W) | "per_task" (x . W[t])
-  task_term: bool  # adds A[t]
-  choice: str  # "tokens" (each token picks K experts) | "experts" (each expert picks C tokens)
+    token_term: str | None  # None | "shared" (x . W) | "per_task" (x . W[t])
+    task_term: bool  # adds A[t]
+    choice: str  # "tokens" (each token picks K experts) | "experts" (each expert picks C tokens)
 
-  @property
-  def needs_tasks(self) -> bool:
-    return self.task_term or self.token_term == "per_task"
+    @property
+    def needs_tasks(self) -> bool:
+        return self.task_term or self.token_term == "per_task"
 
 
 ROUTING_KINDS: dict[str, RoutingKind] = {
@@ -40,95 +40,101 @@ ROUTER_INITS = ("normal", "zeros")
 
 
 def routing_kind(name: str) -> RoutingKind:
-  if name not in ROUTING_KINDS:
-    raise ValueError(f"routing={name!r} is not a routing kind; allowed: {sorted(ROUTING_KINDS)}")
-  return ROUTING_KINDS[name]
+    if name not in ROUTING_KINDS:
+        raise ValueError(
+            f"routing={name!r} is not a routing kind; allowed: {sorted(ROUTING_KINDS)}"
+        )
+    return ROUTING_KINDS[name]
 
 
 class Router(nnx.Module):
-  """Produces float32 router logits [G, S, E] from tokens and their task ids.
+    """Produces float32 router logits [G, S, E] from tokens and their task ids.
 
-  Parameters (present only when the kind uses them):
-    kernel: [D, E] (shared token term) or [T, D, E] (per_task).
-    task_logits: [T, E] (task and task_tokens).
-  The math runs in float32 whatever the activation dtype ("selective precision"): router
-  decisions are discrete, and bfloat16 logits flip top-k choices between nearly tied experts.
-  """
+    Parameters (present only when the kind uses them):
+      kernel: [D, E] (shared token term) or [T, D, E] (per_task).
+      task_logits: [T, E] (task and task_tokens).
+    The math runs in float32 whatever the activation dtype ("selective precision"): router
+    decisions are discrete, and bfloat16 logits flip top-k choices between nearly tied experts.
+    """
 
-  def __init__(
-      self,
-      d_model: int,
-      num_experts: int,
-      routing: str,
-      *,
-      num_tasks: int | None = None,
-      init: str = "normal",
-      init_scale: float = 0.02,
-      noise_std: float = 0.0,
-      rngs: nnx.Rngs,
-  ):
-    self.kind = routing_kind(routing)
-    if init not in ROUTER_INITS:
-      raise ValueError(f"router_init={init!r} is not allowed; allowed: {ROUTER_INITS}")
-    if noise_std < 0:
-      raise ValueError(f"router_noise={noise_std} must be >= 0")
-    self.routing = routing
-    self.num_experts = num_experts
-    self.num_tasks = num_tasks
-    self.noise_std = noise_std
-    make = (
-        nnx.initializers.zeros
-        if init == "zeros"
-        else nnx.initializers.normal(stddev=init_scale)
-    )
-    if self.kind.token_term == "shared":
-      self.kernel = nnx.Param(make(rngs.params(), (d_model, num_experts), jnp.float32))
-    elif self.kind.token_term == "per_task":
-      self.kernel = nnx.Param(
-          make(rngs.params(), (num_tasks, d_model, num_experts), jnp.float32))
-    if self.kind.task_term:
-      # A zero table would give every task the same experts at step 0 (exact ties in
-      # top-k); a small random start breaks the ties whatever `init` says.
-      self.task_logits = nnx.Param(
-          nnx.initializers.normal(stddev=max(init_scale, 1e-2))(
-              rngs.params(), (num_tasks, num_experts), jnp.float32))
-    self.noise_rngs = rngs["router"].fork() if noise_std > 0 else nnx.data(None)
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        routing: str,
+        *,
+        num_tasks: int | None = None,
+        init: str = "normal",
+        init_scale: float = 0.02,
+        noise_std: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self.kind = routing_kind(routing)
+        if init not in ROUTER_INITS:
+            raise ValueError(f"router_init={init!r} is not allowed; allowed: {ROUTER_INITS}")
+        if noise_std < 0:
+            raise ValueError(f"router_noise={noise_std} must be >= 0")
+        self.routing = routing
+        self.num_experts = num_experts
+        self.num_tasks = num_tasks
+        self.noise_std = noise_std
+        make = (
+            nnx.initializers.zeros
+            if init == "zeros"
+            else nnx.initializers.normal(stddev=init_scale)
+        )
+        if self.kind.token_term == "shared":
+            self.kernel = nnx.Param(make(rngs.params(), (d_model, num_experts), jnp.float32))
+        elif self.kind.token_term == "per_task":
+            self.kernel = nnx.Param(
+                make(rngs.params(), (num_tasks, d_model, num_experts), jnp.float32)
+            )
+        if self.kind.task_term:
+            # A zero table would give every task the same experts at step 0 (exact ties in
+            # top-k); a small random start breaks the ties whatever `init` says.
+            self.task_logits = nnx.Param(
+                nnx.initializers.normal(stddev=max(init_scale, 1e-2))(
+                    rngs.params(), (num_tasks, num_experts), jnp.float32
+                )
+            )
+        self.noise_rngs = rngs["router"].fork() if noise_std > 0 else nnx.data(None)
 
-  def __call__(
-      self, x: jax.Array, task_ids: jax.Array | None, *, deterministic: bool = True
-  ) -> jax.Array:
-    """x [G, S, D], task_ids [G, S] int32 or None -> logits [G, S, E] float32."""
-    x = x.astype(jnp.float32)
-    logits = jnp.zeros(x.shape[:-1] + (self.num_experts,), jnp.float32)
-    if self.kind.token_term == "shared":
-      logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])
-    elif self.kind.token_term == "per_task":
-      # One [D, E] router per task. Computing every task's logits ([G, S, T, E], T*E small)
-      # and picking the token's row is cheaper than gathering a [D, E] router per token.
-      all_logits = jnp.einsum("gsd,tde->gste", x, self.kernel[...])
-      logits = take_along_tasks(all_logits, task_ids)  # [G, S, E]
-    if self.kind.task_term:
-      logits = logits + take_task_rows(self.task_logits[...], task_ids)  # [G, S, E]
-    if self.noise_std > 0 and not deterministic:
-      noise = jax.random.normal(self.noise_rngs(), logits.shape, jnp.float32)
-      logits = logits + self.noise_std * noise
-    return logits
+    def __call__(
+        self, x: jax.Array, task_ids: jax.Array | None, *, deterministic: bool = True
+    ) -> jax.Array:
+        """x [G, S, D], task_ids [G, S] int32 or None -> logits [G, S, E] float32."""
+        x = x.astype(jnp.float32)
+        logits = jnp.zeros(x.shape[:-1] + (self.num_experts,), jnp.float32)
+        if self.kind.token_term == "shared":
+            logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])
+        elif self.kind.token_term == "per_task":
+            # One [D, E] router per task. Computing every task's logits ([G, S, T, E], T*E small)
+            # and picking the token's row is cheaper than gathering a [D, E] router per token.
+            all_logits = jnp.einsum("gsd,tde->gste", x, self.kernel[...])
+            logits = take_along_tasks(all_logits, task_ids)  # [G, S, E]
+        if self.kind.task_term:
+            logits = logits + take_task_rows(self.task_logits[...], task_ids)  # [G, S, E]
+        if self.noise_std > 0 and not deterministic:
+            noise = jax.random.normal(self.noise_rngs(), logits.shape, jnp.float32)
+            logits = logits + self.noise_std * noise
+        return logits
 
 
 def take_task_rows(table: jax.Array, task_ids: jax.Array) -> jax.Array:
-  """table [T, ...], task_ids [G, S] -> [G, S, ...].
+    """table [T, ...], task_ids [G, S] -> [G, S, ...].
 
-  Out-of-range ids cannot be checked under jit; they read NaN rather than a clamped
-  neighbour, so a bad id poisons the output (and a training loss) instead of silently
-  routing a task through another task's experts.
-  """
-  return jnp.take(table, task_ids, axis=0, mode="fill", fill_value=jnp.nan)
+    Out-of-range ids cannot be checked under jit; they read NaN rather than a clamped
+    neighbour, so a bad id poisons the output (and a training loss) instead of silently
+    routing a task through another task's experts.
+    """
+    return jnp.take(table, task_ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 def take_along_tasks(per_task: jax.Array, task_ids: jax.Array) -> jax.Array:
-  """per_task [G, S, T, E], task_ids [G, S] -> [G, S, E]; out-of-range ids read NaN."""
-  num_tasks = per_task.shape[2]
-  in_range = (task_ids >= 0) & (task_ids < num_tasks)
-  picked = jnp.take_along_axis(
-      per_task, jnp.clip(task_ids, 0, num_tasks - 1)[:, :, None, None], axis=2)[:, :, 0]
-  return jnp.where(in_range[..., None], picked, jnp.nan)
+    """per_task [G, S, T, E], task_ids [G, S] -> [G, S, E]; out-of-range ids read NaN."""
+    num_tasks = per_task.shape[2]
+    in_range = (task_ids >= 0) & (task_ids < num_tasks)
+    picked = jnp.take_along_axis(
+        per_task, jnp.clip(task_ids, 0, num_tasks - 1)[:, :, None, None], axis=2
+    )[:, :, 0]
+    return jnp.where(in_range[..., None], picked, jnp.nan)

@@ -27,8 +27,13 @@ ENV_NUM_PROCESSES = "MTM_NUM_PROCESSES"
 ENV_PROCESS_ID = "MTM_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "MTM_LOCAL_DEVICE_IDS"
 # Variables jax's SLURM detection needs (jax/_src/clusters/slurm_cluster.py).
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID")
+_SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 _OPEN_MPI_VAR = "OMPI_MCA_orte_hnp_uri"
 _STARTED: DistributedInfo | None = None  # set once this process has joined (or not)
 
@@ -80,11 +85,13 @@ def _parse_ids(raw: str) -> list[int]:
 
 def _explicit_args(coordinator_address, num_processes, process_id, local_device_ids):
     coordinator_address = _from_env(
-        coordinator_address, ENV_COORDINATOR_ADDRESS, "coordinator_address")
+        coordinator_address, ENV_COORDINATOR_ADDRESS, "coordinator_address"
+    )
     num_processes = _from_env(num_processes, ENV_NUM_PROCESSES, "num_processes", int)
     process_id = _from_env(process_id, ENV_PROCESS_ID, "process_id", int)
     local_device_ids = _from_env(
-        local_device_ids, ENV_LOCAL_DEVICE_IDS, "local_device_ids", _parse_ids)
+        local_device_ids, ENV_LOCAL_DEVICE_IDS, "local_device_ids", _parse_ids
+    )
     missing = [
         f"{arg} (or ${env})"
         for arg, env, value in (
@@ -97,13 +104,11 @@ def _explicit_args(coordinator_address, num_processes, process_id, local_device_
     if missing:
         raise ValueError(f"mode='explicit' needs {', '.join(missing)}")
     if not isinstance(coordinator_address, str) or ":" not in coordinator_address:
-        raise ValueError(
-            f"coordinator_address must be 'host:port', got {coordinator_address!r}")
+        raise ValueError(f"coordinator_address must be 'host:port', got {coordinator_address!r}")
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
     if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
+        raise ValueError(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
     return coordinator_address, num_processes, process_id, local_device_ids
 
 
@@ -145,8 +150,10 @@ def initialize(
         return _STARTED
 
     given = (coordinator_address, num_processes, process_id, local_device_ids)
-    env_given = any(os.environ.get(name) for name in (
-        ENV_COORDINATOR_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID))
+    env_given = any(
+        os.environ.get(name)
+        for name in (ENV_COORDINATOR_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+    )
     if mode == "auto":
         if any(value is not None for value in given) or env_given:
             mode = "explicit"
@@ -155,19 +162,25 @@ def initialize(
     elif mode in ("tpu", "slurm") and any(value is not None for value in given):
         raise ValueError(
             f"mode={mode!r} takes its addresses from the cluster; pass coordinator_address "
-            "etc. only with mode='explicit'")
+            "etc. only with mode='explicit'"
+        )
 
     if mode == "none":
         return DistributedInfo("none", 0, 1)
     if mode == "explicit":
         address, count, index, ids = _explicit_args(*given)
-        logger.info("jax.distributed.initialize(%s, %d processes, process %d)",
-                    address, count, index)
+        logger.info(
+            "jax.distributed.initialize(%s, %d processes, process %d)", address, count, index
+        )
         jax.distributed.initialize(
-            coordinator_address=address, num_processes=count, process_id=index,
-            local_device_ids=ids, initialization_timeout=initialization_timeout,
+            coordinator_address=address,
+            num_processes=count,
+            process_id=index,
+            local_device_ids=ids,
+            initialization_timeout=initialization_timeout,
             # The arguments are complete: no cluster detection may override them.
-            cluster_detection_method="deactivate" if ids is not None else None)
+            cluster_detection_method="deactivate" if ids is not None else None,
+        )
     else:
         detected = detect_cluster()
         if mode != detected:
@@ -175,18 +188,22 @@ def initialize(
                 missing = [var for var in _SLURM_VARS if var not in os.environ]
                 raise ValueError(
                     f"mode='slurm' but this is not a SLURM task: missing {missing} "
-                    "(launch with srun)")
+                    "(launch with srun)"
+                )
             if mode == "tpu":
                 raise ValueError(
                     "mode='tpu' but this is not a Cloud TPU VM (no TPU chips or libtpu "
-                    "found); use mode='explicit' or 'auto'")
+                    "found); use mode='explicit' or 'auto'"
+                )
         logger.info("jax.distributed.initialize() on a %s cluster", mode)
         if mode == "ompi":
-            jax.distributed.initialize(cluster_detection_method="ompi",
-                                       initialization_timeout=initialization_timeout)
+            jax.distributed.initialize(
+                cluster_detection_method="ompi", initialization_timeout=initialization_timeout
+            )
         elif mode == "slurm":
-            jax.distributed.initialize(cluster_detection_method="slurm",
-                                       initialization_timeout=initialization_timeout)
+            jax.distributed.initialize(
+                cluster_detection_method="slurm", initialization_timeout=initialization_timeout
+            )
         else:
             jax.distributed.initialize(initialization_timeout=initialization_timeout)
     _STARTED = DistributedInfo(mode, jax.process_index(), jax.process_count())

@@ -89,8 +89,10 @@ def _split_layer(layer: nnx.Module, expert_params: frozenset, mesh):
     is_expert = lambda path, _: tuple(str(part) for part in path) in expert_params
     graphdef, experts, rest = nnx.split(layer, is_expert, ...)
     if len(jax.tree.leaves(experts)) != len(expert_params):
-        raise ValueError(f"{type(layer).__name__} has no parameters at {sorted(expert_params)}"
-                         "; the expert-parallel path does not know this layer's structure")
+        raise ValueError(
+            f"{type(layer).__name__} has no parameters at {sorted(expert_params)}"
+            "; the expert-parallel path does not know this layer's structure"
+        )
     experts = jax.tree.map(lambda v: place(v, _expert_spec(mesh)), experts)
     rest = jax.tree.map(lambda v: place(v, PartitionSpec()), rest)
     return graphdef, experts, rest
@@ -138,7 +140,8 @@ def _routing_group_size(layer, batch: int, length: int, shards: int) -> int:
         raise ValueError(
             f"group_size={layer.group_size} does not divide the {local_tokens} tokens per "
             f"device (batch / {shards} shards x length); routing groups may not straddle "
-            f"devices")
+            f"devices"
+        )
     return group_size
 
 
@@ -146,9 +149,14 @@ def _moe_plan(layer, probs: jax.Array, deterministic: bool, valid) -> plan_lib.P
     """The layer's own plan, except that dropless token choice uses C = S slots (see the
     module docstring) instead of the single-device sorted-block layout."""
     if layer.kind.choice == "tokens" and layer.capacity(probs.shape[1], deterministic) is None:
-        return plan_lib.token_choice(probs, layer.top_k, probs.shape[1],
-                                     batch_priority=layer.batch_priority,
-                                     renormalize=layer.renormalize_gates, valid=valid)
+        return plan_lib.token_choice(
+            probs,
+            layer.top_k,
+            probs.shape[1],
+            batch_priority=layer.batch_priority,
+            renormalize=layer.renormalize_gates,
+            valid=valid,
+        )
     return layer.make_plan(probs, deterministic, valid)
 
 
@@ -174,8 +182,10 @@ def _checked_task_ids(layer, task_ids, batch: int) -> jax.Array | None:
         task_ids = jnp.asarray(task_ids)
         concrete = not isinstance(task_ids, jax.core.Tracer) and task_ids.is_fully_addressable
         stand_in = np.asarray(task_ids) if concrete else np.zeros(task_ids.shape, task_ids.dtype)
-    if token_task_ids(stand_in, batch, 1, layer.num_tasks, layer.routing,
-                      layer.kind.needs_tasks) is None:
+    if (
+        token_task_ids(stand_in, batch, 1, layer.num_tasks, layer.routing, layer.kind.needs_tasks)
+        is None
+    ):
         return None
     return task_ids.astype(jnp.int32)
 
@@ -183,8 +193,9 @@ def _checked_task_ids(layer, task_ids, batch: int) -> jax.Array | None:
 def _shard_inputs(batch_spec, noise, **batched):
     """Inputs of the shard_map body and their specs: batch-major arrays split over the
     batch axes, the router noise (if any) replicated; None entries left out."""
-    inputs = {name: place(value, batch_spec) for name, value in batched.items()
-              if value is not None}
+    inputs = {
+        name: place(value, batch_spec) for name, value in batched.items() if value is not None
+    }
     specs = {name: batch_spec for name in inputs}
     if noise is not None:
         inputs["noise"], specs["noise"] = place(noise, PartitionSpec()), PartitionSpec()
@@ -204,8 +215,11 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
     group_size = _routing_group_size(layer, batch, length, shards)
     task_ids = _checked_task_ids(layer, task_ids, batch)  # [B] or None
     global_groups = batch * length // layer.routing_group_size(batch, length)
-    noise = _router_noise(layer.router, (global_groups, batch * length // global_groups,
-                                         layer.num_experts), deterministic)
+    noise = _router_noise(
+        layer.router,
+        (global_groups, batch * length // global_groups, layer.num_experts),
+        deterministic,
+    )
     batch_spec = PartitionSpec(axes or None)
     inputs, specs = _shard_inputs(batch_spec, noise, x=x, tasks=task_ids, mask=mask)
     graphdef, experts, rest = _split_layer(layer, MOE_EXPERT_PARAMS, mesh)
@@ -215,8 +229,11 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
         local = nnx.merge(graphdef, experts, rest)  # experts: this device's E_loc
         x_local = inputs["x"]  # [B_loc, L, D]
         groups = x_local.reshape(local_tokens // group_size, group_size, d_model)  # [G,S,D]
-        token_tasks = (jnp.repeat(inputs["tasks"], length)  # [N_loc]
-                       if "tasks" in inputs else None)
+        token_tasks = (
+            jnp.repeat(inputs["tasks"], length)  # [N_loc]
+            if "tasks" in inputs
+            else None
+        )
         group_tasks = None if token_tasks is None else token_tasks.reshape(groups.shape[:2])
         mask_local = inputs.get("mask")  # [B_loc, L] or None
         valid = None if mask_local is None else mask_local.reshape(groups.shape[:2])  # [G, S]
@@ -224,13 +241,16 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
         if "noise" in inputs:
             noise = inputs["noise"].reshape(batch * length, -1)
             logits = logits + local.router.noise_std * _local_rows(
-                noise, axes, local_tokens).reshape(logits.shape)
+                noise, axes, local_tokens
+            ).reshape(logits.shape)
         probs = jax.nn.softmax(logits, axis=-1)
         plan = _moe_plan(local, probs, deterministic, valid)
         # The single-device token movement, with the expert all-to-all around the experts.
         y = local.move_tokens(
-            groups.astype(local.dtype), plan,
-            exchange=lambda slots, back: _exchange(slots, num_expert_shards, back=back))
+            groups.astype(local.dtype),
+            plan,
+            exchange=lambda slots, back: _exchange(slots, num_expert_shards, back=back),
+        )
         stats = local.routing_stats(logits, probs, plan, token_tasks, valid)
         stats = jax.lax.psum(stats, axes) if axes else stats
         aux = losses.aux_from_stats(stats, choice=local.kind.choice)
@@ -238,8 +258,10 @@ def moe_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
         return y.astype(local.dtype), aux
 
     return jax.shard_map(
-        body, in_specs=(_expert_spec(mesh), PartitionSpec(), specs),
-        out_specs=(batch_spec, PartitionSpec()))(experts, rest, inputs)
+        body,
+        in_specs=(_expert_spec(mesh), PartitionSpec(), specs),
+        out_specs=(batch_spec, PartitionSpec()),
+    )(experts, rest, inputs)
 
 
 def moa_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
@@ -265,48 +287,68 @@ def moa_forward(layer, x: jax.Array, task_ids, mask, deterministic: bool):
         local = nnx.merge(graphdef, experts, rest)  # w_query, w_out: this device's E_loc
         dtype = local.dtype
         x_local = inputs["x"].astype(dtype)  # [B_loc, L, D]
-        token_tasks = (jnp.repeat(inputs["tasks"], length)  # [N_loc]
-                       if "tasks" in inputs else None)
-        logits = local.router(inputs["x"], None if token_tasks is None else
-                              token_tasks.reshape(local_batch, length), deterministic=True)
+        token_tasks = (
+            jnp.repeat(inputs["tasks"], length)  # [N_loc]
+            if "tasks" in inputs
+            else None
+        )
+        logits = local.router(
+            inputs["x"],
+            None if token_tasks is None else token_tasks.reshape(local_batch, length),
+            deterministic=True,
+        )
         if "noise" in inputs:
             logits = logits + local.router.noise_std * _local_rows(
-                inputs["noise"], axes, local_batch)
+                inputs["noise"], axes, local_batch
+            )
         probs = jax.nn.softmax(logits, axis=-1)  # [B_loc, L, E]
         # One group of all local tokens with C = N_loc: MoA never drops (see docstring).
-        plan = plan_lib.token_choice(probs.reshape(1, local_tokens, num_experts),
-                                     local.top_k, local_tokens,
-                                     renormalize=local.renormalize_gates)
+        plan = plan_lib.token_choice(
+            probs.reshape(1, local_tokens, num_experts),
+            local.top_k,
+            local_tokens,
+            renormalize=local.renormalize_gates,
+        )
         tokens = x_local.reshape(1, local_tokens, d_model)
         rows = dispatch_lib.dispatch(tokens, plan, "index")  # [1, E * C, D]
-        slots = _exchange(rows.reshape(1, num_experts, local_tokens, d_model),
-                          num_expert_shards)  # [n, E_loc, C, D]
+        slots = _exchange(
+            rows.reshape(1, num_experts, local_tokens, d_model), num_expert_shards
+        )  # [n, E_loc, C, D]
         queries = jnp.einsum("gecd,edh->gech", slots, local.w_query[...].astype(dtype))
         queries = _exchange(queries, num_expert_shards, back=True)  # [1, E, C, H]
         queries = _per_choice(queries.reshape(-1, head_dim), plan)  # [K, N_loc, H]
         queries = queries.reshape(local.top_k, local_batch, length, head_dim)
         keys, values = jnp.split(x_local @ local.w_kv[...].astype(dtype), 2, axis=-1)
         allowed = local._allowed(inputs.get("mask"), local_batch, length)  # [B_loc, L, M]
-        heads = attend(queries.transpose(1, 2, 0, 3), keys, values, allowed, head_dim,
-                       dtype)  # [B_loc, L, K, H]
+        heads = attend(
+            queries.transpose(1, 2, 0, 3), keys, values, allowed, head_dim, dtype
+        )  # [B_loc, L, K, H]
         head_rows = _rows_of_choices(heads.transpose(2, 0, 1, 3).reshape(-1, head_dim), plan)
-        head_slots = _exchange(head_rows.reshape(1, num_experts, local_tokens, head_dim),
-                               num_expert_shards)  # [n, E_loc, C, H]
+        head_slots = _exchange(
+            head_rows.reshape(1, num_experts, local_tokens, head_dim), num_expert_shards
+        )  # [n, E_loc, C, H]
         out = jnp.einsum("gech,ehd->gecd", head_slots, local.w_out[...].astype(dtype))
         out = _exchange(out, num_expert_shards, back=True)  # [1, E, C, D]
         y = dispatch_lib.combine(out.reshape(1, -1, d_model), plan, "index")  # [1, N, D]
 
         flat = lambda a: a.reshape(local_tokens, -1)
         stats = losses.router_stats(
-            flat(logits), flat(probs), flat(plan.chosen[0]), flat(plan.chosen[0]),
-            token_tasks, local.num_tasks)
+            flat(logits),
+            flat(probs),
+            flat(plan.chosen[0]),
+            flat(plan.chosen[0]),
+            token_tasks,
+            local.num_tasks,
+        )
         stats = jax.lax.psum(stats, axes) if axes else stats
         aux = losses.aux_from_stats(stats, choice="tokens")
         return y.reshape(local_batch, length, d_model).astype(dtype), aux
 
     return jax.shard_map(
-        body, in_specs=(_expert_spec(mesh), PartitionSpec(), specs),
-        out_specs=(batch_spec, PartitionSpec()))(experts, rest, inputs)
+        body,
+        in_specs=(_expert_spec(mesh), PartitionSpec(), specs),
+        out_specs=(batch_spec, PartitionSpec()),
+    )(experts, rest, inputs)
 
 
 def _per_choice(rows: jax.Array, plan: plan_lib.Plan) -> jax.Array:

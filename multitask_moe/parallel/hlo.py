@@ -9,10 +9,22 @@ from __future__ import annotations
 import math
 import re
 
-COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter",
-               "collective-permute")
-_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
-          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_BYTES = {
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+}
 # `%name = <result type> op-name(` ; async pairs appear as op-name-start / op-name-done.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.*?)\s(?P<op>[a-z\-]+)\(")
 _ARRAY_TYPE = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
@@ -58,11 +70,17 @@ def collective_bytes(hlo_text: str, kind: str) -> list[int]:
     For an all-to-all the result is as large as its input: what one device sends (its own
     chunk included, which stays in place).
     """
-    return [result_bytes(type_text) for op, type_text, _ in _instructions(hlo_text)
-            if _op_name(op) == kind and not op.endswith("-done")]
+    return [
+        result_bytes(type_text)
+        for op, type_text, _ in _instructions(hlo_text)
+        if _op_name(op) == kind and not op.endswith("-done")
+    ]
 
 
 def collective_lines(hlo_text: str, kind: str) -> list[str]:
     """The instruction lines of every `kind` collective (for error messages)."""
-    return [line.strip() for op, _, line in _instructions(hlo_text)
-            if _op_name(op) == kind and not op.endswith("-done")]
+    return [
+        line.strip()
+        for op, _, line in _instructions(hlo_text)
+        if _op_name(op) == kind and not op.endswith("-done")
+    ]

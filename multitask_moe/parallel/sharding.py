@@ -43,8 +43,9 @@ def expert_param(
         # Auto axes: a bare PartitionSpec is refused by the initializers; outside jit give
         # them the concrete mesh, inside jit a sharding constraint (nothing materializes).
         try:
-            value = init(key, shape, dtype, out_sharding=NamedSharding(jax.sharding.get_mesh(),
-                                                                        spec))
+            value = init(
+                key, shape, dtype, out_sharding=NamedSharding(jax.sharding.get_mesh(), spec)
+            )
         except ValueError:  # get_mesh() inside jit: only the abstract mesh exists
             value = jax.lax.with_sharding_constraint(init(key, shape, dtype), spec)
     return nnx.Param(value, out_sharding=spec)

@@ -19,9 +19,11 @@ from ml_collections import config_flags  # noqa: E402
 from multitask_moe.train import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, configs/<name>.py[:arg].", lock_config=True)
+    "config", None, "Training config file, configs/<name>.py[:arg].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics, plots; a run resumes from it.")
+    "workdir", None, "Directory for checkpoints, metrics, plots; a run resumes from it."
+)
 
 
 def main(argv: list[str]) -> None:

@@ -30,6 +30,7 @@ def to_storable(tree):
     Orbax stores plain numeric arrays; the key implementation is fixed by the config
     (jax's default), so the raw data is enough to rebuild the keys.
     """
+
     def convert(leaf):
         if not _is_key(leaf):
             return leaf
@@ -42,6 +43,7 @@ def to_storable(tree):
 
 def from_storable(tree, like):
     """Inverse of to_storable: re-wraps key data wherever `like` holds a typed key."""
+
     def convert(leaf, like_leaf):
         if not _is_key(like_leaf):
             return leaf
@@ -52,13 +54,15 @@ def from_storable(tree, like):
 
 def abstract_storable(abstract_state):
     """ShapeDtypeStructs (with shardings) of to_storable(state)."""
+
     def convert(leaf):
         if not _is_key(leaf):
             return leaf
         data = jax.eval_shape(jax.random.key_data, leaf)
         # key_data adds a trailing dimension; it stays unsharded.
         sharding = jax.sharding.NamedSharding(
-            leaf.sharding.mesh, jax.sharding.PartitionSpec(*leaf.sharding.spec, None))
+            leaf.sharding.mesh, jax.sharding.PartitionSpec(*leaf.sharding.spec, None)
+        )
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
 
     return jax.tree.map(convert, abstract_state)
@@ -71,9 +75,11 @@ class Checkpoints:
         # Orbax wants an absolute path; gs:// buckets already are.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=enable_async)
+            max_to_keep=keep, create=True, enable_async_checkpointing=enable_async
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "progress"))
+            self.directory, options=options, item_names=("state", "progress")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -82,15 +88,24 @@ class Checkpoints:
         """Starts an asynchronous save of `state` and `progress` at `step`."""
         if step in self.manager.all_steps():
             return  # e.g. the final step right after a periodic save of the same step
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(to_storable(state)),
-            progress=ocp.args.JsonSave(_plain(progress))), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(to_storable(state)),
+                progress=ocp.args.JsonSave(_plain(progress)),
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """Restores `step` onto the shardings of `abstract_state` (any mesh)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_storable(abstract_state)),
-            progress=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_storable(abstract_state)),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
         state = from_storable(restored["state"], abstract_state)
         return state, dict(restored["progress"])
 

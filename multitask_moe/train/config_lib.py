@@ -135,7 +135,7 @@ def parse_arg(arg: str | None, **defaults):
 
 
 def parse_weights(text: str, what: str) -> dict[str, float]:
-    """"a=1, b/c=0.5" -> {"a": 1.0, "b/c": 0.5}; `what` names the field in errors."""
+    """ "a=1, b/c=0.5" -> {"a": 1.0, "b/c": 0.5}; `what` names the field in errors."""
     weights: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.rpartition("=")

@@ -16,14 +16,17 @@ from multitask_moe.train.setup import EVAL_KEYS, TRAIN_KEYS  # noqa: F401 (re-ex
 from multitask_moe.train.step import sum_trees
 
 
-def global_batch(local: Mapping[str, np.ndarray], keys: Sequence[str],
-                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+def global_batch(
+    local: Mapping[str, np.ndarray], keys: Sequence[str], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
     """This process's slice of the global batch -> global arrays sharded over the batch."""
     missing = [key for key in keys if key not in local]
     if missing:
         raise KeyError(f"batch lacks {missing}; it has {sorted(local)}")
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
-            for key in keys}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
+        for key in keys
+    }
 
 
 def evaluate(
@@ -61,20 +64,23 @@ def results_table(
     for split in splits:
         header += [f"{split} acc", f"{split} loss"]
     rows = []
-    for name, classes, modality in zip(task_names, task_num_classes, task_modalities,
-                                       strict=True):
+    for name, classes, modality in zip(task_names, task_num_classes, task_modalities, strict=True):
         row = [name, modality, str(classes), f"{1.0 / classes:.3f}"]
         for split, scalars in splits.items():
-            row += [f"{scalars[f'{split}/{name}/accuracy']:.3f}",
-                    f"{scalars[f'{split}/{name}/loss']:.3f}"]
+            row += [
+                f"{scalars[f'{split}/{name}/accuracy']:.3f}",
+                f"{scalars[f'{split}/{name}/loss']:.3f}",
+            ]
         rows.append(row)
     mean = ["mean", "", "", f"{np.mean([1.0 / c for c in task_num_classes]):.3f}"]
     for split, scalars in splits.items():
         mean += [f"{scalars[f'{split}/mean_accuracy']:.3f}", ""]
     rows.append(mean)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True))
-             for r in [header] + rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True))
+        for r in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.insert(len(lines) - 1, lines[1])
     return "\n".join(lines)

@@ -111,20 +111,30 @@ def train_loop(
         for (step, _), metrics in zip(pending, fetched, strict=True):
             if bool(metrics["nonfinite"]) and not config.skip_nonfinite_updates:
                 pending = []
-                saved = (f"the last good checkpoint is step {last_saved} in "
-                         f"{checkpoints.directory}" if last_saved is not None
-                         else "no checkpoint was written before it")
+                saved = (
+                    f"the last good checkpoint is step {last_saved} in {checkpoints.directory}"
+                    if last_saved is not None
+                    else "no checkpoint was written before it"
+                )
                 raise NonFiniteLossError(
                     f"non-finite loss {float(metrics['loss'])} (gradient norm "
                     f"{float(metrics['grad_norm'])}) at step {step}; {saved}. Lower "
                     "optimizer.learning_rate, or set skip_nonfinite_updates=True to skip such "
-                    "updates")
+                    "updates"
+                )
             meter.add(metrics)
         pending = []
 
     watcher = PreemptionWatcher()
-    bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
-               disable=not show_progress, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not show_progress,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     step = start_step
     with watcher, bar:
         while step < num_steps:
@@ -148,11 +158,15 @@ def train_loop(
                 steps_per_sec = (step - log_step) / max(now - log_time, 1e-9)
                 scalars = meter.summary()
                 meter.reset()
-                scalars.update(steps_per_sec=steps_per_sec,
-                               examples_per_sec=steps_per_sec * config.batch_size)
+                scalars.update(
+                    steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * config.batch_size
+                )
                 writer.write(step, scalars)
-                bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                                ex_per_s=f"{scalars['examples_per_sec']:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{scalars['train/loss']:.4f}",
+                    ex_per_s=f"{scalars['examples_per_sec']:.0f}",
+                    refresh=False,
+                )
                 log_time, log_step = now, step
             if eval_now:
                 writer.write(step, evaluate(state))
@@ -163,8 +177,10 @@ def train_loop(
             if stop:
                 if jax.process_index() == 0:
                     bar.clear()
-                    print(f"\nSIGTERM: saved a checkpoint at step {step} in "
-                          f"{checkpoints.directory}; run the same command again to resume.",
-                          flush=True)
+                    print(
+                        f"\nSIGTERM: saved a checkpoint at step {step} in "
+                        f"{checkpoints.directory}; run the same command again to resume.",
+                        flush=True,
+                    )
                 break
     return LoopResult(state=state, step=step, preempted=step < num_steps)

@@ -42,10 +42,13 @@ class TrainMeter:
         if not self.steps:
             return {}
         mean = {key: value / self.steps for key, value in self.sums.items()}
-        out = {"train/loss": mean["loss"], "train/task_loss": mean["task_loss"],
-               "train/grad_norm": mean["grad_norm"],
-               "train/learning_rate": mean["learning_rate"],
-               "train/nonfinite_steps": self.sums["nonfinite"]}
+        out = {
+            "train/loss": mean["loss"],
+            "train/task_loss": mean["task_loss"],
+            "train/grad_norm": mean["grad_norm"],
+            "train/learning_rate": mean["learning_rate"],
+            "train/nonfinite_steps": self.sums["nonfinite"],
+        }
         # Per-task loss: mean over every example of the task seen in the interval.
         counts = self.sums["task_count"]
         for index, name in enumerate(self.task_names):
@@ -67,8 +70,9 @@ class TrainMeter:
         return {key: float(value) for key, value in out.items()}
 
 
-def per_task_eval(sums: Mapping[str, np.ndarray], task_names: Sequence[str],
-                  prefix: str) -> dict[str, float]:
+def per_task_eval(
+    sums: Mapping[str, np.ndarray], task_names: Sequence[str], prefix: str
+) -> dict[str, float]:
     """Eval sums (see step.make_eval_step) -> `<prefix>/<task>/accuracy|loss` scalars."""
     out = {}
     accuracies = []
@@ -102,8 +106,9 @@ class MetricWriter:
         gfile = _gfile()
         if not self.enabled or not gfile.exists(self.path):
             return
-        kept = [record for record in read_history(os.path.dirname(self.path))
-                if record["step"] <= step]
+        kept = [
+            record for record in read_history(os.path.dirname(self.path)) if record["step"] <= step
+        ]
         tmp = self.path + ".tmp"
         with gfile.GFile(tmp, "w") as f:
             f.write("".join(json.dumps(record) + "\n" for record in kept))
@@ -114,8 +119,12 @@ class MetricWriter:
             return
         record = {"step": int(step)}
         # JSON has no NaN/inf; they are written as strings so a bad step stays visible.
-        record.update({key: (float(value) if math.isfinite(value) else str(value))
-                       for key, value in scalars.items()})
+        record.update(
+            {
+                key: (float(value) if math.isfinite(value) else str(value))
+                for key, value in scalars.items()
+            }
+        )
         with _gfile().GFile(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._tb.write(step, scalars)
@@ -163,8 +172,12 @@ class _TensorBoard:
         tf = self._tf
         with self._writer.as_default():
             for key, value in scalars.items():
-                tf.summary.write(key, tf.constant(float(value), tf.float32), step=int(step),
-                                 metadata=self._metadata)
+                tf.summary.write(
+                    key,
+                    tf.constant(float(value), tf.float32),
+                    step=int(step),
+                    metadata=self._metadata,
+                )
         self._writer.flush()
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """PNG plots written at the end of a run: learning curves and routing heatmaps.
 
-    plots.learning_curves(history, task_names, "workdir/plots/learning_curves.png")
-    plots.routing_heatmap(counts [T, E], task_names, "block1/moe", "workdir/plots/...png")
+plots.learning_curves(history, task_names, "workdir/plots/learning_curves.png")
+plots.routing_heatmap(counts [T, E], task_names, "block1/moe", "workdir/plots/...png")
 """
 
 from __future__ import annotations

@@ -49,10 +49,14 @@ def _unknown_key(argv: list[str], error: BaseException) -> str:
                 for depth, part in enumerate(key.split(".")):
                     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                         where = ".".join(["config"] + key.split(".")[:depth])
-                        known = sorted(node.keys()) if isinstance(
-                            node, ml_collections.ConfigDict) else []
-                        return (f"unknown config key {key!r} (--config.{key}); {where} has keys "
-                                f"{known}")
+                        known = (
+                            sorted(node.keys())
+                            if isinstance(node, ml_collections.ConfigDict)
+                            else []
+                        )
+                        return (
+                            f"unknown config key {key!r} (--config.{key}); {where} has keys {known}"
+                        )
                     node = node[part]
     return f"bad --config override {keys}: {error}"
 

@@ -55,9 +55,15 @@ def _check_int(config, name: str, minimum: int) -> None:
 
 def check_numbers(config: ml_collections.ConfigDict) -> None:
     """Step counts, intervals and sizes."""
-    for name, minimum in (("num_train_steps", 0), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("log_every_steps", 1), ("eval_every_steps", 0),
-                          ("checkpoint_every_steps", 0), ("keep_checkpoints", 1)):
+    for name, minimum in (
+        ("num_train_steps", 0),
+        ("batch_size", 1),
+        ("eval_batch_size", 1),
+        ("log_every_steps", 1),
+        ("eval_every_steps", 0),
+        ("checkpoint_every_steps", 0),
+        ("keep_checkpoints", 1),
+    ):
         _check_int(config, name, minimum)
     if not config.optimizer.learning_rate > 0:
         raise ConfigError(f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
@@ -87,8 +93,10 @@ def loss_task_weights(config, task_names) -> tuple[float, ...]:
     weights = config_lib.parse_weights(config.task_weights, "task_weights")
     unknown = sorted(set(weights) - set(task_names))
     if unknown:
-        raise ConfigError(f"task_weights names {unknown}, which are not in data.tasks; "
-                          f"allowed: {list(task_names)}")
+        raise ConfigError(
+            f"task_weights names {unknown}, which are not in data.tasks; "
+            f"allowed: {list(task_names)}"
+        )
     if any(weight < 0 for weight in weights.values()):
         raise ConfigError(f"task_weights={config.task_weights!r}: weights must be >= 0")
     return tuple(weights.get(name, 1.0) for name in task_names)
@@ -107,16 +115,19 @@ def check_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     except ValueError as error:
         hint = ""
         if config.num_cpu_devices and jax.device_count() != config.num_cpu_devices:
-            hint = (f" (config.num_cpu_devices={config.num_cpu_devices} only takes effect "
-                    "before JAX starts: the command line applies it; in a notebook, run "
-                    f"jax.config.update('jax_num_cpu_devices', {config.num_cpu_devices}) "
-                    "before anything else touches JAX)")
+            hint = (
+                f" (config.num_cpu_devices={config.num_cpu_devices} only takes effect "
+                "before JAX starts: the command line applies it; in a notebook, run "
+                f"jax.config.update('jax_num_cpu_devices', {config.num_cpu_devices}) "
+                "before anything else touches JAX)"
+            )
         raise ConfigError(_one_line(error) + hint) from None
     processes = jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % processes:
-            raise ConfigError(f"{name}={config[name]} must be divisible by the number of "
-                              f"processes ({processes})")
+            raise ConfigError(
+                f"{name}={config[name]} must be divisible by the number of processes ({processes})"
+            )
     return mesh
 
 
@@ -147,38 +158,62 @@ class Model:
     eval_fn: Callable[[dict, dict], dict]
 
 
-def build(config: ml_collections.ConfigDict, mesh, task_names: Sequence[str],
-          task_num_classes: Sequence[int], task_modalities: Sequence[str],
-          token_shape: tuple[int, int]) -> Model:
+def build(
+    config: ml_collections.ConfigDict,
+    mesh,
+    task_names: Sequence[str],
+    task_num_classes: Sequence[int],
+    task_modalities: Sequence[str],
+    token_shape: tuple[int, int],
+) -> Model:
     """The abstract state and the step functions on `mesh` (a Mesh, or an AbstractMesh to
     check shapes of a config for hardware that is not here)."""
+
     def create_model(rngs):
         return models.model_from_config(
-            config.model, task_num_classes=task_num_classes, task_modalities=task_modalities,
-            token_shape=tuple(token_shape), rngs=rngs)
+            config.model,
+            task_num_classes=task_num_classes,
+            task_modalities=task_modalities,
+            token_shape=tuple(token_shape),
+            rngs=rngs,
+        )
 
     with _use_mesh(mesh):
         tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
         spec = state_spec(create_model, tx, mesh)
     loss_settings = LossSettings(
-        num_tasks=len(task_names), task_weights=loss_task_weights(config, task_names),
+        num_tasks=len(task_names),
+        task_weights=loss_task_weights(config, task_names),
         aux_weights={name: float(config.aux_loss[name]) for name in AUX_LOSSES},
-        sparse_layers=spec.sparse_layers)
-    train_fn = make_train_step(spec.graphdef, tx, schedule, loss_settings,
-                               skip_nonfinite=config.skip_nonfinite_updates)
+        sparse_layers=spec.sparse_layers,
+    )
+    train_fn = make_train_step(
+        spec.graphdef, tx, schedule, loss_settings, skip_nonfinite=config.skip_nonfinite_updates
+    )
     eval_fn = make_eval_step(spec.graphdef, len(task_names), spec.sparse_layers)
-    return Model(spec=spec, tx=tx, schedule=schedule, loss_settings=loss_settings,
-                 train_fn=train_fn, eval_fn=eval_fn)
+    return Model(
+        spec=spec,
+        tx=tx,
+        schedule=schedule,
+        loss_settings=loss_settings,
+        train_fn=train_fn,
+        eval_fn=eval_fn,
+    )
 
 
-def abstract_batch(size: int, token_shape: tuple[int, int], keys: Sequence[str],
-                   sharding) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    size: int, token_shape: tuple[int, int], keys: Sequence[str], sharding
+) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a global batch: inputs [B, L, P] f32, mask [B, L], label / task_id /
     valid [B], each sharded over the batch axes."""
     length, features = token_shape
-    shapes = {"inputs": ((size, length, features), jnp.float32),
-              "mask": ((size, length), jnp.bool_), "label": ((size,), jnp.int32),
-              "task_id": ((size,), jnp.int32), "valid": ((size,), jnp.bool_)}
+    shapes = {
+        "inputs": ((size, length, features), jnp.float32),
+        "mask": ((size, length), jnp.bool_),
+        "label": ((size,), jnp.int32),
+        "task_id": ((size,), jnp.int32),
+        "valid": ((size,), jnp.bool_),
+    }
     return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding) for key in keys}
 
 
@@ -193,10 +228,15 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     mesh = check_mesh(config)
     weights = task_weights_of(config)
     try:
-        mixture = data.Mixture(weights, rate=config.data.rate, cap=config.data.cap,
-                               temperature=config.data.temperature,
-                               image_size=config.data.image_size,
-                               patch_size=config.data.patch_size, data_dir=config.data.data_dir)
+        mixture = data.Mixture(
+            weights,
+            rate=config.data.rate,
+            cap=config.data.cap,
+            temperature=config.data.temperature,
+            image_size=config.data.image_size,
+            patch_size=config.data.patch_size,
+            data_dir=config.data.data_dir,
+        )
     except (KeyError, ValueError, OSError) as error:
         raise ConfigError(f"data: {_one_line(error)}") from None
     tasks = mixture.tasks
@@ -205,28 +245,54 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     resolve_group_size(config, mesh, token_shape[0])
     sharding = parallel.batch_sharding(mesh)
     try:
-        model = build(config, mesh, task_names, [task.num_classes for task in tasks],
-                      [task.modality for task in tasks], token_shape)
+        model = build(
+            config,
+            mesh,
+            task_names,
+            [task.num_classes for task in tasks],
+            [task.modality for task in tasks],
+            token_shape,
+        )
     except ValueError as error:
         # The layer constructors name the bad argument (routing, top_k, dims, dtype, ...).
         raise ConfigError(f"model: {_one_line(error)}") from None
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         # Donating the state lets XLA update parameters and optimizer state in place.
-        train_step = jax.jit(
-            model.train_fn, out_shardings=(model.spec.shardings, None), donate_argnums=0,
-        ).lower(model.spec.abstract,
-                abstract_batch(config.batch_size, token_shape, TRAIN_KEYS, sharding)).compile()
+        train_step = (
+            jax.jit(
+                model.train_fn,
+                out_shardings=(model.spec.shardings, None),
+                donate_argnums=0,
+            )
+            .lower(
+                model.spec.abstract,
+                abstract_batch(config.batch_size, token_shape, TRAIN_KEYS, sharding),
+            )
+            .compile()
+        )
         compile_seconds = time.perf_counter() - start
-        eval_step = jax.jit(model.eval_fn).lower(
-            model.spec.abstract,
-            abstract_batch(config.eval_batch_size, token_shape, EVAL_KEYS, sharding)).compile()
+        eval_step = (
+            jax.jit(model.eval_fn)
+            .lower(
+                model.spec.abstract,
+                abstract_batch(config.eval_batch_size, token_shape, EVAL_KEYS, sharding),
+            )
+            .compile()
+        )
     return Experiment(
-        config=config, mesh=mesh, mixture=mixture, task_names=task_names,
+        config=config,
+        mesh=mesh,
+        mixture=mixture,
+        task_names=task_names,
         task_num_classes=tuple(int(task.num_classes) for task in tasks),
-        task_modalities=tuple(task.modality for task in tasks), token_shape=token_shape,
-        model=model, train_step=train_step, eval_step=eval_step,
-        compile_seconds=compile_seconds)
+        task_modalities=tuple(task.modality for task in tasks),
+        token_shape=token_shape,
+        model=model,
+        train_step=train_step,
+        eval_step=eval_step,
+        compile_seconds=compile_seconds,
+    )
 
 
 def _use_mesh(mesh):

@@ -36,10 +36,18 @@ def make_optimizer(
         decay_steps=max(num_train_steps, warmup + 1),
         end_value=opt_config.learning_rate * opt_config.end_learning_rate_factor,
     )
-    adamw = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
-                        weight_decay=opt_config.weight_decay, mask=weight_decay_mask)
-    clip = (optax.clip_by_global_norm(opt_config.grad_clip_norm)
-            if opt_config.grad_clip_norm > 0 else optax.identity())
+    adamw = optax.adamw(
+        schedule,
+        b1=opt_config.b1,
+        b2=opt_config.b2,
+        weight_decay=opt_config.weight_decay,
+        mask=weight_decay_mask,
+    )
+    clip = (
+        optax.clip_by_global_norm(opt_config.grad_clip_norm)
+        if opt_config.grad_clip_norm > 0
+        else optax.identity()
+    )
     return optax.chain(clip, adamw), schedule
 
 
@@ -68,8 +76,12 @@ def state_spec(
     def init(key: jax.Array) -> dict:
         model = create_model(nnx.Rngs(key))
         _, params, model_state = nnx.split(model, nnx.Param, ...)
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "model_state": model_state, "opt_state": tx.init(params)}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": tx.init(params),
+        }
 
     abstract_model = nnx.eval_shape(lambda: create_model(nnx.Rngs(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -78,9 +90,16 @@ def state_spec(
     shardings = jax.tree.map(lambda leaf: concrete_sharding(leaf, mesh), abstract)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract, shardings)
-    return StateSpec(graphdef=graphdef, init=init, abstract=abstract, shardings=shardings,
-                     sparse_layers=tuple(abstract_model.sparse_layer_names()))
+        abstract,
+        shardings,
+    )
+    return StateSpec(
+        graphdef=graphdef,
+        init=init,
+        abstract=abstract,
+        shardings=shardings,
+        sparse_layers=tuple(abstract_model.sparse_layer_names()),
+    )
 
 
 def concrete_sharding(leaf: jax.ShapeDtypeStruct, mesh: Mesh) -> NamedSharding:
@@ -97,7 +116,8 @@ def concrete_sharding(leaf: jax.ShapeDtypeStruct, mesh: Mesh) -> NamedSharding:
     if not isinstance(sharding, NamedSharding):
         raise ValueError(
             f"abstract state leaf {leaf} has no NamedSharding; build the state under "
-            "jax.set_mesh(mesh) with Explicit mesh axes")
+            "jax.set_mesh(mesh) with Explicit mesh axes"
+        )
     return NamedSharding(mesh, sharding.spec)
 
 

@@ -39,8 +39,9 @@ class LossSettings:
     sparse_layers: tuple[str, ...]  # aux keys of the model, e.g. "block1/moe"
 
 
-def per_task_sums(values: jax.Array, task_ids: jax.Array, weights: jax.Array,
-                  num_tasks: int) -> tuple[jax.Array, jax.Array]:
+def per_task_sums(
+    values: jax.Array, task_ids: jax.Array, weights: jax.Array, num_tasks: int
+) -> tuple[jax.Array, jax.Array]:
     """values [B], task_ids [B], weights [B] -> (sum of weight*value per task [T],
     sum of weights per task [T])."""
     one_hot = jax.nn.one_hot(task_ids, num_tasks, dtype=jnp.float32) * weights[:, None]  # [B, T]
@@ -50,8 +51,9 @@ def per_task_sums(values: jax.Array, task_ids: jax.Array, weights: jax.Array,
     return sums, one_hot.sum(0)
 
 
-def task_loss(cross_entropy: jax.Array, task_ids: jax.Array,
-              settings: LossSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
+def task_loss(
+    cross_entropy: jax.Array, task_ids: jax.Array, settings: LossSettings
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean over the tasks present in the batch of each task's mean cross-entropy.
 
     Each task counts once whatever its share of the batch (the mixture rates already set
@@ -65,20 +67,24 @@ def task_loss(cross_entropy: jax.Array, task_ids: jax.Array,
     means = sums / jnp.maximum(counts, 1.0)  # [T]
     total_weight = weights.sum()
     # A batch whose present tasks all weigh 0 contributes nothing (not 0/0).
-    loss = jnp.where(total_weight > 0, (weights * means).sum() / jnp.maximum(total_weight,
-                                                                             1e-12), 0.0)
+    loss = jnp.where(
+        total_weight > 0, (weights * means).sum() / jnp.maximum(total_weight, 1e-12), 0.0
+    )
     return loss, sums, counts
 
 
-def aux_loss(aux: Mapping[str, Mapping[str, jax.Array]],
-             settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+def aux_loss(
+    aux: Mapping[str, Mapping[str, jax.Array]], settings: LossSettings
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum over layers of the aux losses, and the logged aux statistics."""
     total = jnp.zeros((), jnp.float32)
     logged = {}
     for weight_name, aux_name in AUX_LOSSES.items():
         # Every layer of the contract reports these keys: a missing one is a KeyError.
-        summed = sum((aux[layer][aux_name].astype(jnp.float32) for layer in settings.sparse_layers),
-                     jnp.zeros((), jnp.float32))
+        summed = sum(
+            (aux[layer][aux_name].astype(jnp.float32) for layer in settings.sparse_layers),
+            jnp.zeros((), jnp.float32),
+        )
         logged[f"aux/{aux_name}"] = jax.lax.stop_gradient(summed)
         weight = settings.aux_weights[weight_name]
         if weight:
@@ -109,44 +115,57 @@ def make_train_step(
 
     def loss_fn(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state)
-        logits, aux = model(batch["inputs"], batch["mask"], batch["task_id"],
-                            deterministic=False)  # [B, C] f32
+        logits, aux = model(
+            batch["inputs"], batch["mask"], batch["task_id"], deterministic=False
+        )  # [B, C] f32
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["label"])  # [B]
+            logits, batch["label"]
+        )  # [B]
         main, task_sums, task_counts = task_loss(cross_entropy, batch["task_id"], settings)
         extra, logged = aux_loss(aux, settings)
         # Router noise rng counters and any other non-parameter state move on.
         new_model_state = nnx.state(model, nnx.Not(nnx.Param))
-        metrics = {"task_loss": main, "task_loss_sum": task_sums, "task_count": task_counts,
-                   **logged}
+        metrics = {
+            "task_loss": main,
+            "task_loss_sum": task_sums,
+            "task_count": task_counts,
+            **logged,
+        }
         return main + extra, (metrics, new_model_state)
 
     def train_step(state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, new_model_state)), grads = grad_fn(
-            state["params"], state["model_state"], batch)
+            state["params"], state["model_state"], batch
+        )
         updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {"params": new_params, "model_state": new_model_state,
-                     "opt_state": new_opt_state}
+        new_state = {
+            "params": new_params,
+            "model_state": new_model_state,
+            "opt_state": new_opt_state,
+        }
         if skip_nonfinite:
             old_state = {key: state[key] for key in new_state}
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                                     old_state)
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), new_state, old_state
+            )
         # The step counts batches consumed, skipped or not, so a resumed run reads on from
         # the right batch.
         new_state["step"] = state["step"] + 1
-        metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
-                       nonfinite=~finite)
+        metrics.update(
+            loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]), nonfinite=~finite
+        )
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, num_tasks: int,
-                   sparse_layers: Sequence[str]) -> Callable[[dict, dict], dict]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, num_tasks: int, sparse_layers: Sequence[str]
+) -> Callable[[dict, dict], dict]:
     """Returns eval_step(state, batch) -> per-task sums over the valid examples.
 
     batch: as for training plus valid [B] bool (padding examples of the last batch are
@@ -156,8 +175,7 @@ def make_eval_step(graphdef: nnx.GraphDef, num_tasks: int,
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, state["params"], state["model_state"])
-        logits, aux = model(batch["inputs"], batch["mask"], batch["task_id"],
-                            deterministic=True)
+        logits, aux = model(batch["inputs"], batch["mask"], batch["task_id"], deterministic=True)
         valid = batch["valid"].astype(jnp.float32)  # [B]
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)  # [B]
@@ -166,7 +184,8 @@ def make_eval_step(graphdef: nnx.GraphDef, num_tasks: int,
         out = {"loss_sum": loss_sum, "correct_sum": correct_sum, "count": count}
         for layer in sparse_layers:
             out[f"{layer}/task_expert_counts"] = aux[layer]["task_expert_counts"].astype(
-                jnp.float32)
+                jnp.float32
+            )
         return out
 
     return eval_step
@@ -180,6 +199,7 @@ def sum_trees(total: dict | None, new: dict) -> dict:
 def weight_decay_mask(params) -> object:
     """True for matrices (kernels, expert weights, routers); False for biases, norms and
     the [L, D] / [T, D] embedding tables, which decay toward nothing useful."""
+
     def decays(path, leaf):
         name = jax.tree_util.keystr(path)
         return np.ndim(leaf) >= 2 and "embedding" not in name and "bias" not in name

@@ -74,39 +74,59 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
             if start_step > config.num_train_steps:
                 raise ConfigError(
                     f"{checkpoints.directory} holds step {start_step}, past num_train_steps="
-                    f"{config.num_train_steps}; raise num_train_steps or use a new --workdir")
+                    f"{config.num_train_steps}; raise num_train_steps or use a new --workdir"
+                )
             state, saved = checkpoints.restore(start_step, spec.abstract)
             _check_resumable(saved, start_step, task_names, checkpoints.directory)
             if chief:
                 print(f"Resuming from step {start_step} ({checkpoints.directory}).", flush=True)
         writer.truncate_after(start_step)
         if chief:
-            print(f"{len(task_names)} tasks, {count_params(spec.abstract['params']):,} "
-                  f"parameters, mesh {dict(mesh.shape)}, train step compiled in "
-                  f"{compile_seconds:.1f}s.", flush=True)
+            print(
+                f"{len(task_names)} tasks, {count_params(spec.abstract['params']):,} "
+                f"parameters, mesh {dict(mesh.shape)}, train step compiled in "
+                f"{compile_seconds:.1f}s.",
+                flush=True,
+            )
         writer.write(start_step, {"compile_seconds": compile_seconds})
 
         def evaluate(state, split: str = config.data.eval_split, prefix: str = "eval"):
             batches = experiment.mixture.eval_batches(split, batch_size=config.eval_batch_size)
-            return evaluate_lib.evaluate(eval_step, state, batches, batch_sharding, task_names,
-                                         spec.sparse_layers, prefix)
+            return evaluate_lib.evaluate(
+                eval_step, state, batches, batch_sharding, task_names, spec.sparse_layers, prefix
+            )
 
         local_batches = experiment.mixture.iterator(
-            "train", batch_size=config.batch_size, seed=config.seed, start_step=start_step)
-        batches = (evaluate_lib.global_batch(batch, evaluate_lib.TRAIN_KEYS, batch_sharding)
-                   for batch in local_batches)
+            "train", batch_size=config.batch_size, seed=config.seed, start_step=start_step
+        )
+        batches = (
+            evaluate_lib.global_batch(batch, evaluate_lib.TRAIN_KEYS, batch_sharding)
+            for batch in local_batches
+        )
 
         def progress(step: int) -> dict:
             # The iterator serves one batch per step, so its position is the step.
-            return {"step": step, "data_step": step, "task_names": list(task_names),
-                    "mesh": {name: int(size) for name, size in mesh.shape.items()}}
+            return {
+                "step": step,
+                "data_step": step,
+                "task_names": list(task_names),
+                "mesh": {name: int(size) for name, size in mesh.shape.items()},
+            }
 
         result = train_loop(
-            state=state, start_step=start_step, num_steps=config.num_train_steps,
-            batches=batches, train_step=train_step,
-            evaluate=lambda state: evaluate(state)[0], checkpoints=checkpoints, writer=writer,
-            meter=TrainMeter(task_names, spec.sparse_layers), progress=progress, config=config,
-            show_progress=chief and config.progress_bar)
+            state=state,
+            start_step=start_step,
+            num_steps=config.num_train_steps,
+            batches=batches,
+            train_step=train_step,
+            evaluate=lambda state: evaluate(state)[0],
+            checkpoints=checkpoints,
+            writer=writer,
+            meter=TrainMeter(task_names, spec.sparse_layers),
+            progress=progress,
+            config=config,
+            show_progress=chief and config.progress_bar,
+        )
         if result.preempted:
             return {}
         if start_step == config.num_train_steps:
@@ -128,12 +148,15 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
 def _check_resumable(saved: dict, step: int, task_names, directory: str) -> None:
     if saved.get("data_step") != step:
-        raise ConfigError(f"checkpoint {step} in {directory} records data position "
-                          f"{saved.get('data_step')}; cannot resume exactly")
+        raise ConfigError(
+            f"checkpoint {step} in {directory} records data position "
+            f"{saved.get('data_step')}; cannot resume exactly"
+        )
     if list(saved.get("task_names", [])) != list(task_names):
         raise ConfigError(
             f"checkpoint {step} in {directory} was trained on tasks {saved.get('task_names')}, "
-            f"but the config has {list(task_names)}; use a new --workdir")
+            f"but the config has {list(task_names)}; use a new --workdir"
+        )
 
 
 def _report(experiment: Experiment, workdir: str, splits, routing) -> None:
@@ -142,19 +165,28 @@ def _report(experiment: Experiment, workdir: str, splits, routing) -> None:
     written = []
     if experiment.config.write_plots:
         plot_dir = os.path.join(workdir, "plots")
-        written.append(plots.learning_curves(read_history(workdir), task_names,
-                                             os.path.join(plot_dir, "learning_curves.png")))
+        written.append(
+            plots.learning_curves(
+                read_history(workdir), task_names, os.path.join(plot_dir, "learning_curves.png")
+            )
+        )
         for layer, counts in routing.items():
             name = layer.replace("/", "_")
-            written.append(plots.routing_heatmap(
-                counts, task_names, layer, os.path.join(plot_dir, f"routing_{name}.png")))
-    table = evaluate_lib.results_table(task_names, experiment.task_num_classes,
-                                       experiment.task_modalities, splits)
+            written.append(
+                plots.routing_heatmap(
+                    counts, task_names, layer, os.path.join(plot_dir, f"routing_{name}.png")
+                )
+            )
+    table = evaluate_lib.results_table(
+        task_names, experiment.task_num_classes, experiment.task_modalities, splits
+    )
     with tf.io.gfile.GFile(os.path.join(workdir, "results.txt"), "w") as f:
         f.write(table + "\n")
     print("\n" + table + "\n", flush=True)
     if written:
         print(f"Plots: {os.path.dirname(written[0])}/ ({len(written)} PNG files)", flush=True)
-    print(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}\n"
-          f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
-          flush=True)
+    print(
+        f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}\n"
+        f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
+        flush=True,
+    )
