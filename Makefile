@@ -9,7 +9,7 @@ CONFIG ?= configs/default.py
 ARGS ?=
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test test-slow bench lint clean
 
 install: $(VENV)/.installed
 
@@ -25,14 +25,23 @@ train: install
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The long experiments and routing-variant trainings; CI runs them after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
 bench: install
 	mkdir -p $(BENCH_OUT)
 	for b in moe_layer expert_parallel input_pipeline train_step; do \
 	  if test -f benchmarks/$$b.py; then $(PY) benchmarks/$$b.py --out=$(BENCH_OUT)/$$b.json || exit 1; fi; \
 	done
 
+LINTED := multitask_moe tests benchmarks configs tools
+
+# Style (ruff check, ruff format) and layering (no import cycle between subpackages).
 lint: install
-	$(VENV)/bin/ruff check multitask_moe tests benchmarks configs
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(PY) tools/check_layers.py multitask_moe
 
 clean:
 	rm -rf $(VENV) workdir

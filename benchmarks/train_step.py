@@ -174,7 +174,7 @@ def main() -> None:
             "routing": args.routing,
             "num_experts": moe_cfg.moe.num_experts,
             "top_k": moe_cfg.moe.top_k,
-            "expert_dim": moe_cfg.moe.expert_dim or moe_cfg.mlp_dim // moe_cfg.moe.top_k,
+            "d_hidden": moe_cfg.moe.d_hidden or moe_cfg.mlp_dim // moe_cfg.moe.top_k,
             "capacity_factor": moe_cfg.moe.capacity_factor,
             "moe_every": moe_cfg.moe_every,
         },

@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
     c.model.moa_every = 2
     c.model.moe.num_experts = args.experts
     c.model.moe.top_k = 4
-    c.model.moe.expert_dim = 0  # 3072 // 4
+    c.model.moe.d_hidden = 0  # 3072 // 4
     c.model.moe.routing = args.routing
     c.model.moe.router_init = "zeros" if args.routing == "per_task" else "normal"
     c.model.moe.capacity_factor = 1.25

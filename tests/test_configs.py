@@ -46,7 +46,6 @@ def explicit_mesh(shape, names=("data", "expert")):
 
 
 def build(config, mesh, tasks, modalities, token_shape):
-    setup.resolve_group_size(config, mesh, token_shape[0])
     return setup.build(config, mesh, list(tasks), list(tasks.values()), modalities, token_shape)
 
 
@@ -73,7 +72,7 @@ def test_dense_config_is_the_default_with_moe_off_and_equal_active_mlp():
     default, dense = load("default"), load("dense")
     assert dense.model.moe_every == 0 and dense.model.moa_every == 0
     moe = default.model.moe
-    assert (moe.expert_dim or default.model.mlp_dim // moe.top_k) * moe.top_k == dense.model.mlp_dim
+    assert (moe.d_hidden or default.model.mlp_dim // moe.top_k) * moe.top_k == dense.model.mlp_dim
     for key in ("data", "mesh", "optimizer", "batch_size", "num_train_steps"):
         assert default[key] == dense[key], key
 
@@ -87,8 +86,10 @@ def test_default_variants_build_on_the_default_mesh(arg):
     if arg == "mod_squad":
         expected = ["block0/moa", "block1/moe", "block2/moa", "block3/moe"]
     assert list(model.spec.sparse_layers) == expected
-    # One routing group per device's share of the batch (64 / 8 = 8 examples of 30 tokens).
-    assert config.model.moe.group_size == 8 * 30
+    # One routing group per device's share of the batch (64 / 8 = 8 examples of 30 tokens),
+    # chosen for the model without writing it into the config.
+    assert setup.routing_group_size(config, explicit_mesh((2, 4)), 30) == 8 * 30
+    assert config.model.moe.group_size is None
 
 
 def test_unknown_variant_arg_is_an_error():

@@ -50,16 +50,18 @@ def test_experts_tiled_capacity_path_equals_batched_einsum():
     from multitask_moe.moe.experts import Experts
 
     experts = Experts(3, 6, 8, rngs=nnx.Rngs(0))
+    tiled_experts = Experts(3, 6, 8, max_batched_hidden_bytes=0, rngs=nnx.Rngs(0))
     slots = jax.random.normal(jax.random.key(1), (3, 3, 5, 6))  # [G, E, C, D]
     cotangent = jax.random.normal(jax.random.key(2), slots.shape)
     graphdef, params = nnx.split(experts)
+    tiled_graphdef = nnx.graphdef(tiled_experts)
 
-    def loss(params, slots, **kwargs):
+    def loss(params, slots, graphdef=graphdef, **kwargs):
         out = nnx.merge(graphdef, params)(slots, **kwargs)
         return jnp.sum(out * cotangent), out
 
     (_, tiled), tiled_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-        params, slots, tile=4, max_batched_hidden_bytes=0
+        params, slots, tiled_graphdef, tile=4
     )
     (_, batched), batched_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
         params, slots

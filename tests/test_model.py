@@ -111,7 +111,7 @@ def test_padding_tokens_do_not_change_the_prediction(sparse):
     moe = models.MoESettings(
         num_experts=4,
         top_k=2,
-        expert_dim=16,
+        d_hidden=16,
         routing="task_tokens",
         capacity_factor=None,
         eval_capacity_factor=None,
@@ -127,7 +127,7 @@ def test_padding_tokens_do_not_change_the_prediction(sparse):
 
 
 def test_placement_of_moe_and_moa_blocks():
-    moe = models.MoESettings(num_experts=4, top_k=2, expert_dim=16)
+    moe = models.MoESettings(num_experts=4, top_k=2, d_hidden=16)
     moa = models.MoASettings(num_experts=4, top_k=2, head_dim=8)
     squad = make_model(moe=moe, moa=moa, moe_every=2, moa_every=2, depth=4)
     assert squad.sparse_layer_names() == ["block0/moa", "block1/moe", "block2/moa", "block3/moe"]
@@ -151,7 +151,7 @@ def test_moe_model_has_the_dense_models_active_parameters_per_token():
         "moe": {
             "num_experts": 4,
             "top_k": 2,
-            "expert_dim": 0,
+            "d_hidden": 0,
             "routing": "tokens",
             "capacity_factor": 1.25,
             "eval_capacity_factor": 2.0,
@@ -166,7 +166,7 @@ def test_moe_model_has_the_dense_models_active_parameters_per_token():
     }
     settings = models.build.moe_settings(config)
     # top_k experts of mlp_dim / top_k hidden units = one dense MLP of mlp_dim per token.
-    assert settings.expert_dim * settings.top_k == config["mlp_dim"]
+    assert settings.d_hidden * settings.top_k == config["mlp_dim"]
     model = models.model_from_config(
         config,
         task_num_classes=CLASSES,
@@ -182,7 +182,7 @@ def test_bfloat16_activations_give_finite_float32_logits():
     moe = models.MoESettings(
         num_experts=4,
         top_k=2,
-        expert_dim=16,
+        d_hidden=16,
         routing="task",
         capacity_factor=None,
         eval_capacity_factor=None,
@@ -204,7 +204,7 @@ def test_sharded_model_equals_the_unsharded_one(with_moa):
     moe = models.MoESettings(
         num_experts=8,
         top_k=2,
-        expert_dim=16,
+        d_hidden=16,
         routing="task_tokens",
         capacity_factor=1.0,
         eval_capacity_factor=1.0,

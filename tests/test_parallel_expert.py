@@ -285,18 +285,16 @@ def test_bad_layouts_raise_clear_errors():
             _moe("task", 1.0)(x)
 
 
-def test_tiled_experts_under_mesh_match_unsharded(monkeypatch):
+def test_tiled_experts_under_mesh_match_unsharded():
     # Tiny slot buffers run as one batched einsum; with the budget at 0 the experts take the
     # tiled grouped MLP (hand-written VJP, psum of weight gradients over the batch axes)
-    # inside shard_map. A capacity factor used nowhere else keeps the traces apart.
-    from multitask_moe.moe import experts as experts_lib
-
-    layer, inputs = _moe("tokens", 1.5), _inputs()[:2]
-    reference = jax.device_get(_run(layer, inputs))
-    monkeypatch.setattr(experts_lib, "BATCHED_HIDDEN_BYTES", 0)
-    lowered = jax.jit(lambda x, t: _loss(layer, x, t)[0]).lower(*inputs).as_text()
+    # inside shard_map. Both layers come from the same seed, so only the expert path differs.
+    inputs = _inputs()[:2]
+    reference = jax.device_get(_run(_moe("tokens", 1.5), inputs))
+    tiled = _moe("tokens", 1.5, max_batched_hidden_bytes=0)
+    lowered = jax.jit(lambda x, t: _loss(tiled, x, t)[0]).lower(*inputs).as_text()
     assert "while" in lowered  # the tiled path really runs
-    _assert_same(_run(layer, inputs, (2, 4)), reference)
+    _assert_same(_run(tiled, inputs, (2, 4)), reference)
 
 
 @pytest.mark.parametrize(

@@ -278,7 +278,7 @@ def test_mutual_information_loss_trains_when_a_task_is_missing_from_the_batch():
     moe = models.MoESettings(
         num_experts=4,
         top_k=2,
-        expert_dim=8,
+        d_hidden=8,
         routing="per_task",
         router_init="zeros",
         capacity_factor=None,

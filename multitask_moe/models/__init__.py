@@ -7,10 +7,11 @@ model = models.model_from_config(config.model, task_num_classes=[10, 3],
 logits, aux = model(inputs, mask, task_ids, deterministic=False)
 """
 
-from multitask_moe.models.blocks import Block, MoASettings, MoESettings
+from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
 from multitask_moe.models.model import INVALID_CLASS_LOGIT, MultitaskTransformer
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
+from multitask_moe.moe import MoASettings, MoESettings
 
 __all__ = [
     "DTYPES",

@@ -9,45 +9,10 @@ Shape legend: B batch, L tokens, D d_model, H attention heads, T tasks, E expert
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from flax import nnx
 
-from multitask_moe.moe import MoA, MoE
-
-
-@dataclasses.dataclass(frozen=True)
-class MoESettings:
-    """The sparse MLP of the MoE blocks (arguments of `multitask_moe.MoE`).
-
-    expert_dim: hidden size of one expert. With top_k experts per token the active MLP
-    compute equals a dense MLP of hidden size top_k * expert_dim (Mod-Squad's r*D/K).
-    """
-
-    num_experts: int
-    top_k: int
-    expert_dim: int
-    routing: str = "tokens"
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None = 2.0
-    num_shared_experts: int = 0
-    renormalize_gates: bool = False
-    router_noise: float = 0.0
-    router_init: str = "normal"
-    batch_priority: bool = False
-    group_size: int | None = None
-    dispatch: str = "index"
-
-
-@dataclasses.dataclass(frozen=True)
-class MoASettings:
-    """The mixture-of-attention-heads of the MoA blocks (arguments of `multitask_moe.MoA`)."""
-
-    num_experts: int
-    top_k: int
-    head_dim: int
-    routing: str = "tokens"
+from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
 
 
 class DenseMLP(nnx.Module):
@@ -75,25 +40,14 @@ class SparseMLP(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
     ):
+        # Every layer option comes from the settings, by name; the model supplies the rest.
         self.moe = MoE(
             d_model,
-            settings.expert_dim,
-            settings.num_experts,
-            settings.top_k,
-            routing=settings.routing,
-            capacity_factor=settings.capacity_factor,
             num_tasks=num_tasks,
-            eval_capacity_factor=settings.eval_capacity_factor,
-            num_shared_experts=settings.num_shared_experts,
-            renormalize_gates=settings.renormalize_gates,
-            router_noise=settings.router_noise,
-            router_init=settings.router_init,
-            batch_priority=settings.batch_priority,
-            group_size=settings.group_size,
-            dispatch=settings.dispatch,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            **settings.layer_kwargs(),
         )
 
     def __call__(self, x, *, task_ids, mask, deterministic):
@@ -140,14 +94,11 @@ class SparseAttention(nnx.Module):
     ):
         self.moa = MoA(
             d_model,
-            settings.num_experts,
-            settings.top_k,
-            settings.head_dim,
-            routing=settings.routing,
             num_tasks=num_tasks,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            **settings.layer_kwargs(),
         )
 
     def __call__(self, x, *, task_ids, mask, deterministic):

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from multitask_moe.models.blocks import MoASettings, MoESettings
 from multitask_moe.models.model import MultitaskTransformer
+from multitask_moe.moe import MoASettings, MoESettings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -24,42 +24,36 @@ def dtype_from_name(name: str):
     return DTYPES[name]
 
 
-def moe_settings(model_config: Mapping) -> MoESettings | None:
-    """MoESettings from config.model.moe, or None when no block is an MoE block."""
+def _plain(section: Mapping) -> dict:
+    """A config section (ConfigDict, placeholders resolved) or a mapping -> a plain dict."""
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def moe_settings(model_config: Mapping, group_size: int | None = None) -> MoESettings | None:
+    """MoESettings from config.model.moe (keys: MoESettings' fields), or None when no
+    block is an MoE block.
+
+    d_hidden=0 means mlp_dim // top_k: top_k experts of that size give a token the active
+    MLP compute of one dense MLP of mlp_dim (Mod-Squad's sizing). group_size: the routing
+    group to use where the config leaves it None (setup.routing_group_size picks one per
+    device's share of a batch).
+    """
     if not model_config["moe_every"]:
         return None
-    moe = model_config["moe"]
-    top_k = moe["top_k"]
-    # None: Mod-Squad's sizing, active MLP compute of a token = one dense MLP of mlp_dim.
-    expert_dim = moe["expert_dim"] or model_config["mlp_dim"] // top_k
-    return MoESettings(
-        num_experts=moe["num_experts"],
-        top_k=top_k,
-        expert_dim=expert_dim,
-        routing=moe["routing"],
-        capacity_factor=moe["capacity_factor"],
-        eval_capacity_factor=moe["eval_capacity_factor"],
-        num_shared_experts=moe["num_shared_experts"],
-        renormalize_gates=moe["renormalize_gates"],
-        router_noise=moe["router_noise"],
-        router_init=moe["router_init"],
-        batch_priority=moe["batch_priority"],
-        group_size=moe["group_size"],
-        dispatch=moe["dispatch"],
-    )
+    moe = _plain(model_config["moe"])
+    if not moe.get("d_hidden") and "top_k" in moe:
+        moe["d_hidden"] = model_config["mlp_dim"] // moe["top_k"]
+    if moe.get("group_size") is None:
+        moe["group_size"] = group_size
+    return MoESettings.from_mapping(moe)
 
 
 def moa_settings(model_config: Mapping) -> MoASettings | None:
-    """MoASettings from config.model.moa, or None when no block is an MoA block."""
+    """MoASettings from config.model.moa (keys: MoASettings' fields), or None when no
+    block is an MoA block."""
     if not model_config["moa_every"]:
         return None
-    moa = model_config["moa"]
-    return MoASettings(
-        num_experts=moa["num_experts"],
-        top_k=moa["top_k"],
-        head_dim=moa["head_dim"],
-        routing=moa["routing"],
-    )
+    return MoASettings.from_mapping(_plain(model_config["moa"]))
 
 
 def model_from_config(
@@ -69,8 +63,10 @@ def model_from_config(
     task_modalities: Sequence[str],
     token_shape: tuple[int, int],
     rngs: nnx.Rngs,
+    group_size: int | None = None,
 ) -> MultitaskTransformer:
-    """The model described by `model_config` (a ConfigDict or a plain mapping)."""
+    """The model described by `model_config` (a ConfigDict or a plain mapping);
+    group_size: the MoE routing group where model.moe.group_size is None."""
     return MultitaskTransformer(
         task_num_classes=task_num_classes,
         task_modalities=task_modalities,
@@ -79,7 +75,7 @@ def model_from_config(
         depth=model_config["depth"],
         num_heads=model_config["num_heads"],
         mlp_dim=model_config["mlp_dim"],
-        moe=moe_settings(model_config),
+        moe=moe_settings(model_config, group_size),
         moa=moa_settings(model_config),
         moe_every=model_config["moe_every"],
         moa_every=model_config["moa_every"],

@@ -2,7 +2,7 @@
 
     model = MultitaskTransformer(task_num_classes=[10, 2, 3], task_modalities=["image",
         "image", "tabular"], token_shape=(30, 4), d_model=64, depth=4, num_heads=4,
-        mlp_dim=128, moe=MoESettings(num_experts=8, top_k=2, expert_dim=64,
+        mlp_dim=128, moe=MoESettings(num_experts=8, top_k=2, d_hidden=64,
         routing="task_tokens"), moe_every=2, rngs=nnx.Rngs(0))
     logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multitask_moe.models.blocks import Block, MoASettings, MoESettings
+from multitask_moe.models.blocks import Block
 from multitask_moe.models.stems import MultiModalStem
 from multitask_moe.models.tables import lookup, take_rows
+from multitask_moe.moe import MoASettings, MoESettings
 
 # Logit given to the classes a task does not have: finite (no inf - inf = NaN in the
 # softmax of a float32 row) and far below any real logit, so exp() underflows to 0.

@@ -1,4 +1,4 @@
-"""Mixture of attention heads (MoA, Mod-Squad, PAPERS.md section 2).
+"""Mixture of attention heads (MoA, Mod-Squad; docs/methods.md).
 
 Each attention expert e owns a query projection w_query[e] [D, H] and an output
 projection w_out[e] [H, D]; one key/value projection w_kv [D, 2H] is shared by all
@@ -7,7 +7,13 @@ for each chosen expert its query attends over the shared keys/values, and the K 
 projected by w_out[e], are summed with the gates. No token is dropped (Mod-Squad's MoA has
 no capacity), so the routing options are those of token choice.
 
-Shapes: B batch, L queries, M keys (= L), E experts, K top_k, H head_dim, D d_model.
+The projections move token rows to their experts through the same plan and slots as the
+MoE layer: one group of all tokens with C = N slots per expert (never a drop). On a mesh
+the slots cross devices by the expert all-to-all (parallel.expert_parallel) twice per
+projection; keys, values and attention stay with the tokens.
+
+Shapes: B batch, L queries, M keys (= L), N = B * L tokens, E experts, K top_k, C slots
+per expert, H head_dim, D d_model.
 """
 
 from __future__ import annotations
@@ -16,14 +22,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multitask_moe.moe import losses
-from multitask_moe.moe.layer import _check_input, _check_positive_int, token_task_ids
+from multitask_moe.moe import checks, losses, plan
+from multitask_moe.moe import dispatch as dispatch_lib
 from multitask_moe.moe.routing import Router, routing_kind
+from multitask_moe.moe.settings import settings_class
+from multitask_moe.parallel import expert_parallel
+from multitask_moe.parallel.expert_parallel import Exchange
 from multitask_moe.parallel.sharding import expert_param
+
+# Per-expert parameters, by their path in the layer: sharded over 'expert' on a mesh.
+EXPERT_PARAMS = frozenset({("w_query",), ("w_out",)})
 
 
 class MoA(nnx.Module):
-    """y, aux = MoA(...)(x [B, L, D], task_ids [B] | None, mask [B, L] | None)."""
+    """y, aux = MoA(...)(x [B, L, D], task_ids [B] | None, mask [B, L] | None).
+
+    Args beyond d_model, num_tasks, dtypes and rngs:
+      num_experts, top_k: attention experts, and how many each token uses.
+      head_dim: H, the width of every expert's query and of the shared keys/values.
+      routing: a token-choice routing kind (routing.py).
+      causal: queries attend only to keys at or before their position.
+      renormalize_gates: make the K gates of a token sum to 1 (off in Mod-Squad).
+      router_noise: std of Gaussian noise on the logits in training (rng stream "router").
+      router_init: "normal" or "zeros" (Mod-Squad zero-initializes its routers).
+      deterministic: default mode; nnx's model.eval() / model.train() flip it.
+    """
 
     def __init__(
         self,
@@ -48,23 +71,18 @@ class MoA(nnx.Module):
             ("num_experts", num_experts),
             ("head_dim", head_dim),
         ):
-            _check_positive_int(name, value)
+            checks.positive_int(name, value)
         kind = routing_kind(routing)
         if kind.choice != "tokens":
             raise ValueError(
                 f"MoA routing={routing!r} is not allowed: attention experts are chosen "
                 "by tokens; allowed: tokens, task, task_tokens, per_task"
             )
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k!r} must be an int in [1, num_experts={num_experts}]")
+        checks.top_k(top_k, num_experts)
         if kind.needs_tasks and (num_tasks is None or num_tasks < 1):
             raise ValueError(f"routing={routing!r} needs num_tasks >= 1, got {num_tasks!r}")
-        self.d_model, self.num_experts, self.top_k, self.head_dim = (
-            d_model,
-            num_experts,
-            top_k,
-            head_dim,
-        )
+        self.d_model, self.num_experts = d_model, num_experts
+        self.top_k, self.head_dim = top_k, head_dim
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks
         self.causal, self.renormalize_gates = causal, renormalize_gates
         self.dtype, self.deterministic = dtype, deterministic
@@ -101,61 +119,82 @@ class MoA(nnx.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, L, D]; mask [B, L] True for real tokens (keys outside it are ignored)."""
         deterministic = self.deterministic if deterministic is None else deterministic
-        from multitask_moe.parallel import expert_parallel  # lazy: it imports this package
-
-        if expert_parallel.active_mesh() is not None:
-            return expert_parallel.moa_forward(self, x, task_ids, mask, deterministic)
-        batch, length = _check_input(x, self.d_model)
-        token_tasks = token_task_ids(
-            task_ids, batch, length, self.num_tasks, self.routing, self.kind.needs_tasks
+        batch, length = checks.input_shape(x, self.d_model)
+        if mask is not None:
+            mask = checks.mask(jnp.asarray(mask).astype(bool), batch, length)
+        inputs = {
+            "x": x,
+            "task_ids": checks.task_ids(
+                task_ids, batch, self.num_tasks, self.routing, self.kind.needs_tasks
+            ),
+            "mask": mask,
+            "noise": self.router.noise((batch, length), deterministic),
+        }
+        return expert_parallel.run(
+            self,
+            lambda layer, inputs, exchange: layer.forward(inputs, exchange),
+            EXPERT_PARAMS,
+            inputs,
         )
+
+    def forward(
+        self, inputs: dict[str, jax.Array], exchange: Exchange
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layer on one device's tokens: inputs x [B, L, D] and, when given, task_ids
+        [B], mask [B, L], noise [B, L, E]; `exchange` carries the projection slots to the
+        devices holding the experts (nothing to do on one device)."""
+        x = inputs["x"]
+        batch, length, _ = x.shape
+        num_tokens = batch * length
+        token_tasks = None if "task_ids" not in inputs else jnp.repeat(inputs["task_ids"], length)
         group_tasks = None if token_tasks is None else token_tasks.reshape(batch, length)
-        logits = self.router(x, group_tasks, deterministic=deterministic)  # [B, L, E] f32
+        logits = self.router(x, group_tasks, noise=inputs.get("noise"))  # [B, L, E] f32
         probs = jax.nn.softmax(logits, axis=-1)
-        gates, experts = jax.lax.top_k(probs, self.top_k)  # [B, L, K]
-        if self.renormalize_gates:
-            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        # One group of all tokens with C = N: MoA has no capacity, and no slot overflows
+        # since a token picks each expert at most once.
+        routing_plan = plan.token_choice(
+            probs.reshape(1, num_tokens, self.num_experts),
+            self.top_k,
+            num_tokens,
+            renormalize=self.renormalize_gates,
+        )
 
         x_c = x.astype(self.dtype)
-        w_query = self.w_query[...].astype(self.dtype)
-        w_out = self.w_out[...].astype(self.dtype)
+        rows = dispatch_lib.dispatch(x_c.reshape(1, num_tokens, self.d_model), routing_plan)
+        query_rows = self.project(rows, self.w_query, routing_plan, exchange)  # [1, E * C, H]
+        queries = dispatch_lib.rows_to_choices(query_rows, routing_plan)[0]  # [K, N, H]
+        queries = queries.reshape(self.top_k, batch, length, -1).transpose(1, 2, 0, 3)
         keys, values = jnp.split(x_c @ self.w_kv[...].astype(self.dtype), 2, axis=-1)  # [B, M, H]
-        # Every expert's query is cheap next to attention itself (D * H per expert), and
-        # [B, L, E, H] is far smaller than gathering a [D, H] projection per token and choice.
-        all_queries = jnp.einsum("bld,edh->bleh", x_c, w_query)
-        queries = jnp.take_along_axis(all_queries, experts[..., None], axis=2)  # [B, L, K, H]
-        allowed = self._allowed(mask, batch, length)  # [B, L, M]
+        allowed = self.allowed(inputs.get("mask"), batch, length)  # [B, L, M]
         heads = attend(queries, keys, values, allowed, self.head_dim, self.dtype)  # [B, L, K, H]
-        # Place each gated head in its expert's slot, then one output projection per expert.
-        expert_one_hot = jax.nn.one_hot(experts, self.num_experts, dtype=self.dtype)  # [B,L,K,E]
-        per_expert = jnp.einsum(
-            "blkh,blk,blke->bleh", heads, gates.astype(self.dtype), expert_one_hot
-        )
-        y = jnp.einsum("bleh,ehd->bld", per_expert, w_out)
+        heads = heads.transpose(2, 0, 1, 3).reshape(1, self.top_k, num_tokens, -1)
+        head_rows = dispatch_lib.choices_to_rows(heads, routing_plan)  # [1, E * C, H]
+        out_rows = self.project(head_rows, self.w_out, routing_plan, exchange)  # [1, E * C, D]
+        y = dispatch_lib.combine(out_rows, routing_plan)  # [1, N, D]: gated sum of choices
 
-        num_tokens = batch * length
-        chosen = jnp.sum(jax.nn.one_hot(experts, self.num_experts, dtype=jnp.float32), axis=2)
+        flat = lambda a: a.reshape(num_tokens, -1)  # [N, E]
+        chosen = flat(routing_plan.chosen)
         stats = losses.router_stats(
-            logits.reshape(num_tokens, -1),
-            probs.reshape(num_tokens, -1),
-            chosen.reshape(num_tokens, -1),
-            chosen.reshape(num_tokens, -1),
-            token_tasks,
-            self.num_tasks,
+            flat(logits), flat(probs), chosen, chosen, token_tasks, self.num_tasks
         )
-        return y.astype(self.dtype), losses.aux_from_stats(stats, choice="tokens")
+        aux = losses.aux_from_stats(exchange.total(stats), choice="tokens")
+        return y.reshape(x.shape).astype(self.dtype), aux
 
-    def _allowed(self, mask, batch: int, length: int) -> jax.Array:
-        """[B, L, M] True where query l may attend to key m."""
+    def project(
+        self, rows: jax.Array, weight: nnx.Param, routing_plan: plan.Plan, exchange: Exchange
+    ) -> jax.Array:
+        """Slot rows [1, E * C, X] -> [1, E * C, Y]: row r through weight[r // C] [X, Y],
+        on the device that holds expert r // C."""
+        slots = rows.reshape(1, self.num_experts, routing_plan.capacity, rows.shape[-1])
+        slots = exchange.to_experts(slots)  # [n, E_loc, C, X]
+        out = jnp.einsum("gecx,exy->gecy", slots, weight[...].astype(self.dtype))
+        return exchange.from_experts(out).reshape(1, rows.shape[1], -1)
+
+    def allowed(self, mask: jax.Array | None, batch: int, length: int) -> jax.Array:
+        """mask [B, L] bool or None -> [B, L, M] True where query l may attend to key m."""
         allowed = jnp.ones((batch, length, length), bool)
         if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.shape != (batch, length):
-                raise ValueError(
-                    f"mask must have shape [batch, length]=({batch}, {length}), got "
-                    f"{list(mask.shape)}"
-                )
-            allowed = allowed & mask.astype(bool)[:, None, :]
+            allowed = allowed & mask[:, None, :]
         if self.causal:
             allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None]
         return allowed
@@ -164,13 +203,13 @@ class MoA(nnx.Module):
 def attend(
     queries: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array, head_dim: int, dtype
 ) -> jax.Array:
-    """queries [B, L, K, H], keys/values [B, M, H], allowed [B, L, M] -> heads [B, L, K, H].
-
-    Shared with the expert-parallel MoA (multitask_moe.parallel.expert_parallel).
-    """
+    """queries [B, L, K, H], keys/values [B, M, H], allowed [B, L, M] -> heads [B, L, K, H]."""
     scores = jnp.einsum("blkh,bmh->blkm", queries, keys) / jnp.sqrt(jnp.asarray(head_dim, dtype))
     scores = jnp.where(allowed[:, :, None, :], scores.astype(jnp.float32), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
     # A query with no allowed key (all padding) attends to nothing, not to NaN.
     weights = jnp.where(allowed.any(-1)[:, :, None, None], weights, 0.0).astype(dtype)
     return jnp.einsum("blkm,bmh->blkh", weights, values)
+
+
+MoASettings = settings_class(MoA)

@@ -113,6 +113,26 @@ def combine(rows: jax.Array, plan: Plan, kind: str = "index") -> jax.Array:
     raise ValueError(f"dispatch={kind!r} is not allowed; allowed: {DISPATCH_KINDS}")
 
 
+def rows_to_choices(rows: jax.Array, plan: Plan) -> jax.Array:
+    """Slot rows [G, R, X] -> each (choice, token)'s row, ungated [G, J, S, X] (zeros where
+    the choice was dropped or not made). For layers that work on each choice apart (MoA
+    attends with each chosen expert's query) instead of summing them as `combine` does."""
+    num_groups, num_choices, group_size = plan.token_rows.shape
+    index = plan.token_rows.reshape(num_groups, -1)  # [G, J * S]
+    # Each row is read by at most one choice: row_assign is the inverse map.
+    out = jax.vmap(take_rows)(rows, index, plan.row_assign[:, None, :])
+    return out.reshape(num_groups, num_choices, group_size, rows.shape[-1])
+
+
+def choices_to_rows(values: jax.Array, plan: Plan) -> jax.Array:
+    """Per-(choice, token) values [G, J, S, X] -> slot rows [G, R, X] (zeros in empty rows);
+    the inverse of rows_to_choices."""
+    num_groups = values.shape[0]
+    flat = values.reshape(num_groups, -1, values.shape[-1])  # [G, J * S, X]
+    inverse = plan.token_rows.reshape(num_groups, 1, -1)  # [G, 1, J * S]: one reader each
+    return jax.vmap(take_rows)(flat, plan.row_assign, inverse)
+
+
 def _dispatch_mask(plan: Plan, dtype) -> jax.Array:
     """[G, S, R] one-hot: 1 where token s fills row r."""
     one_hot = jax.nn.one_hot(plan.token_rows, plan.num_rows, dtype=dtype)  # [G, J, S, R]

@@ -27,7 +27,7 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-# Hidden activations up to this size (a typical L2 cache) run as one batched einsum.
+# Default: hidden activations up to this size (a typical L2 cache) run as one batched einsum.
 BATCHED_HIDDEN_BYTES = 2 << 20
 
 
@@ -41,6 +41,7 @@ class Experts(nnx.Module):
         d_hidden: int,
         *,
         activation: str = "gelu",
+        max_batched_hidden_bytes: int = BATCHED_HIDDEN_BYTES,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         sharded: bool = True,
@@ -49,6 +50,7 @@ class Experts(nnx.Module):
         self.activation = activation
         self.act = activation_fn(activation)
         self.dtype = dtype
+        self.max_batched_hidden_bytes = max_batched_hidden_bytes
         # Per-expert fan-in init, as for E separate Dense layers.
         init = nnx.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
@@ -63,13 +65,11 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.w_in.shape[0]
 
-    def __call__(
-        self, slots: jax.Array, *, tile: int = 256, max_batched_hidden_bytes: int | None = None
-    ) -> jax.Array:
+    def __call__(self, slots: jax.Array, *, tile: int = 256) -> jax.Array:
         """slots [G, E, C, D] -> [G, E, C, D]: expert e on its own C slots of every group.
 
         Tiling pays when the hidden activations of all slots would not stay in cache; below
-        `max_batched_hidden_bytes` of them (default BATCHED_HIDDEN_BYTES, read at trace time)
+        `max_batched_hidden_bytes` of them (a constructor argument)
         one batched einsum has no loop overhead and wins.
         Above it, a tiled grouped matmul over expert-major rows (grouped.py), with the tile
         shrunk so that equal tiles cover each expert's run (no recomputed rows).
@@ -82,9 +82,7 @@ class Experts(nnx.Module):
             * self.w_in.shape[-1]
             * jnp.dtype(self.dtype).itemsize
         )
-        if max_batched_hidden_bytes is None:
-            max_batched_hidden_bytes = BATCHED_HIDDEN_BYTES
-        if hidden_bytes <= max_batched_hidden_bytes:
+        if hidden_bytes <= self.max_batched_hidden_bytes:
             return self.batched(slots)
         rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
         run = num_groups * capacity

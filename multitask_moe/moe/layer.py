@@ -1,4 +1,4 @@
-"""The sparse mixture-of-experts MLP layer (contract: ARCHITECTURE.md, "MoE layer").
+"""The sparse mixture-of-experts MLP layer (contract: docs/layers.md).
 
     layer = MoE(d_model=64, d_hidden=256, num_experts=8, top_k=2, routing="tokens",
                 capacity_factor=1.25, num_tasks=None, rngs=nnx.Rngs(0))
@@ -6,25 +6,29 @@
     y, aux = layer(x, task_ids, mask=mask)  # mask [B, L] bool: False = padding
 
 Pipeline: router logits (routing.py) -> plan (plan.py) -> dispatch -> experts -> combine
-(dispatch.py, experts.py) -> aux (losses.py). Shape legend: B batch, L sequence length,
-N = B * L tokens, G groups of S tokens, E experts, K top_k, C capacity, D d_model.
+(dispatch.py, experts.py) -> aux (losses.py). One forward (`MoE.forward`) serves one device
+and a mesh: under jax.set_mesh it runs inside shard_map (parallel.expert_parallel) with an
+exchange that carries the expert slots across devices. Shape legend: B batch, L sequence
+length, N = B * L tokens, G groups of S tokens, E experts, K top_k, C capacity, D d_model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from multitask_moe.moe import checks, losses, plan
 from multitask_moe.moe import dispatch as dispatch_lib
-from multitask_moe.moe import losses, plan
-from multitask_moe.moe.experts import Experts
+from multitask_moe.moe.experts import BATCHED_HIDDEN_BYTES, Experts
 from multitask_moe.moe.routing import ROUTING_KINDS, Router, routing_kind
+from multitask_moe.moe.settings import settings_class
+from multitask_moe.parallel import expert_parallel
+from multitask_moe.parallel.expert_parallel import LOCAL, Exchange
 
 SAME_AS_TRAIN = "same"
+# Per-expert parameters, by their path in the layer: sharded over 'expert' on a mesh.
+EXPERT_PARAMS = frozenset({("experts", "w_in"), ("experts", "w_out")})
 
 
 class MoE(nnx.Module):
@@ -42,6 +46,9 @@ class MoE(nnx.Module):
         sequence, which never straddles devices, so capacity drops are the same on any mesh.
       dispatch: "index" (gathers, default) or "einsum" (one-hot tensors, GShard style).
       dropless_block_size: rows per block of the dropless grouped matmul.
+      max_batched_hidden_bytes: expert hidden activations up to this size run as one
+        batched einsum, larger ones as a tiled grouped matmul (experts.py).
+      activation: the experts' nonlinearity ("gelu", "relu", "silu").
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
     """
 
@@ -64,22 +71,26 @@ class MoE(nnx.Module):
         group_size: int | None = None,
         dispatch: str = "index",
         dropless_block_size: int = 256,
+        max_batched_hidden_bytes: int = BATCHED_HIDDEN_BYTES,
         activation: str = "gelu",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("d_hidden", d_hidden)
-        _check_positive_int("num_experts", num_experts)
+        for name, value in (
+            ("d_model", d_model),
+            ("d_hidden", d_hidden),
+            ("num_experts", num_experts),
+            ("dropless_block_size", dropless_block_size),
+        ):
+            checks.positive_int(name, value)
         kind = routing_kind(routing)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k!r} must be an int in [1, num_experts={num_experts}]")
+        checks.top_k(top_k, num_experts)
         if eval_capacity_factor == SAME_AS_TRAIN:
             eval_capacity_factor = capacity_factor
-        _check_capacity_factor("capacity_factor", capacity_factor)
-        _check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        checks.capacity_factor("capacity_factor", capacity_factor)
+        checks.capacity_factor("eval_capacity_factor", eval_capacity_factor)
         if kind.needs_tasks and (num_tasks is None or num_tasks < 1):
             raise ValueError(
                 f"routing={routing!r} needs num_tasks >= 1, got num_tasks={num_tasks!r}; "
@@ -87,16 +98,19 @@ class MoE(nnx.Module):
                 f"{[k for k, v in ROUTING_KINDS.items() if not v.needs_tasks]}"
             )
         if num_tasks is not None:
-            _check_positive_int("num_tasks", num_tasks)
+            checks.positive_int("num_tasks", num_tasks)
         if group_size is not None:
-            _check_positive_int("group_size", group_size)
-        _check_positive_int("dropless_block_size", dropless_block_size)
+            checks.positive_int("group_size", group_size)
         if dispatch not in dispatch_lib.DISPATCH_KINDS:
             raise ValueError(
                 f"dispatch={dispatch!r} is not allowed; allowed: {dispatch_lib.DISPATCH_KINDS}"
             )
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int):
+            raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an int >= 0")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0")
+        if max_batched_hidden_bytes < 0:
+            raise ValueError(f"max_batched_hidden_bytes={max_batched_hidden_bytes} must be >= 0")
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks
@@ -120,6 +134,7 @@ class MoE(nnx.Module):
             d_model,
             d_hidden,
             activation=activation,
+            max_batched_hidden_bytes=max_batched_hidden_bytes,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -153,46 +168,73 @@ class MoE(nnx.Module):
         output is 0 (shared experts included), and they enter no aux loss or metric.
         """
         deterministic = self.deterministic if deterministic is None else deterministic
-        from multitask_moe.parallel import expert_parallel  # lazy: it imports this package
+        batch, length = checks.input_shape(x, self.d_model)
+        inputs = {
+            "x": x,
+            "task_ids": checks.task_ids(
+                task_ids, batch, self.num_tasks, self.routing, self.kind.needs_tasks
+            ),
+            "mask": checks.mask(mask, batch, length),
+            "noise": self.router.noise((batch, length), deterministic),
+        }
+        return expert_parallel.run(
+            self,
+            lambda layer, inputs, exchange: layer.forward(inputs, exchange, deterministic),
+            EXPERT_PARAMS,
+            inputs,
+        )
 
-        batch, length = _check_input(x, self.d_model)
-        mask = check_mask(mask, batch, length)
-        if expert_parallel.active_mesh() is not None:
-            return expert_parallel.moe_forward(self, x, task_ids, mask, deterministic)
-        token_tasks = self._token_tasks(task_ids, batch, length)  # [N] or None
-        num_tokens = batch * length
-        group_size = self.routing_group_size(batch, length)
-        groups = x.reshape(num_tokens // group_size, group_size, self.d_model)  # [G, S, D]
+    def forward(
+        self, inputs: dict[str, jax.Array], exchange: Exchange, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layer on one device's tokens: inputs x [B, L, D] and, when given, task_ids
+        [B], mask [B, L], noise [B, L, E]; `exchange` carries the expert slots to the
+        devices holding the experts (nothing to do on one device)."""
+        x = inputs["x"]
+        batch, length, _ = x.shape
+        group_size = self.routing_group_size(batch * length, length)
+        groups = x.reshape(-1, group_size, self.d_model)  # [G, S, D]
+        token_tasks = None if "task_ids" not in inputs else jnp.repeat(inputs["task_ids"], length)
         group_tasks = None if token_tasks is None else token_tasks.reshape(groups.shape[:2])
-        valid = None if mask is None else mask.reshape(groups.shape[:2])  # [G, S]
+        valid = inputs["mask"].reshape(groups.shape[:2]) if "mask" in inputs else None  # [G, S]
+        noise = inputs["noise"].reshape(*groups.shape[:2], -1) if "noise" in inputs else None
 
-        logits = self.router(groups, group_tasks, deterministic=deterministic)  # [G, S, E] f32
+        logits = self.router(groups, group_tasks, noise=noise)  # [G, S, E] f32
         probs = jax.nn.softmax(logits, axis=-1)
-        routing_plan = self.make_plan(probs, deterministic, valid)
-        y = self.move_tokens(groups.astype(self.dtype), routing_plan)  # [G, S, D]
+        routing_plan = self.make_plan(probs, deterministic, valid, ragged=exchange.ragged)
+        y = self.move_tokens(groups.astype(self.dtype), routing_plan, exchange)  # [G, S, D]
 
-        stats = self.routing_stats(logits, probs, routing_plan, token_tasks, mask)
-        aux = losses.aux_from_stats(stats, choice=self.kind.choice)
-        y = self.add_shared_experts(y.reshape(batch, length, self.d_model), x, mask)
+        stats = self.routing_stats(logits, probs, routing_plan, token_tasks, valid)
+        aux = losses.aux_from_stats(exchange.total(stats), choice=self.kind.choice)
+        y = self.add_shared_experts(y.reshape(x.shape), x, inputs.get("mask"))
         return y.astype(self.dtype), aux
 
-    def capacity(self, group_size: int, deterministic: bool) -> int | None:
-        """Slots per expert per group; None when dropless token choice."""
+    def make_plan(
+        self,
+        probs: jax.Array,
+        deterministic: bool,
+        valid: jax.Array | None = None,
+        *,
+        ragged: bool = True,
+    ) -> plan.Plan:
+        """probs [G, S, E] float32, valid [G, S] bool or None -> Plan (see plan.py).
+
+        The one place the capacity factor is read. ragged: whether the token movement can
+        take the dropless sorted-block layout (False across devices: an all-to-all needs
+        slots of a static size).
+        """
         factor = self.eval_capacity_factor if deterministic else self.capacity_factor
-        if factor is None:
+        group_size = probs.shape[1]
+        if self.kind.choice == "experts":
             # Expert choice has no drops to avoid: without a factor every expert sees every
             # token (C = S), the exact dense-gated limit.
-            return group_size if self.kind.choice == "experts" else None
-        return plan.capacity(factor, group_size, self.top_k, self.num_experts)
-
-    def make_plan(
-        self, probs: jax.Array, deterministic: bool, valid: jax.Array | None = None
-    ) -> plan.Plan:
-        """probs [G, S, E] float32, valid [G, S] bool or None -> Plan (see plan.py)."""
-        capacity = self.capacity(probs.shape[1], deterministic)
-        if self.kind.choice == "experts":
+            capacity = (
+                group_size
+                if factor is None
+                else plan.capacity(factor, group_size, self.top_k, self.num_experts)
+            )
             return plan.expert_choice(probs, capacity, valid)
-        if capacity is None and self.dispatch == "index":
+        if factor is None and ragged and self.dispatch == "index":
             return plan.dropless_token_choice(
                 probs,
                 self.top_k,
@@ -200,9 +242,13 @@ class MoE(nnx.Module):
                 renormalize=self.renormalize_gates,
                 valid=valid,
             )
-        if capacity is None:
-            # One-hot dispatch cannot be ragged: the exact dropless bound is C = S.
-            capacity = probs.shape[1]
+        # Dropless in fixed-size slots (one-hot dispatch, or an all-to-all): a token picks
+        # each expert at most once, so C = S can never overflow.
+        capacity = (
+            group_size
+            if factor is None
+            else plan.capacity(factor, group_size, self.top_k, self.num_experts)
+        )
         return plan.token_choice(
             probs,
             self.top_k,
@@ -213,18 +259,12 @@ class MoE(nnx.Module):
         )
 
     def move_tokens(
-        self,
-        groups: jax.Array,
-        routing_plan: plan.Plan,
-        exchange: Callable[..., jax.Array] | None = None,
+        self, groups: jax.Array, routing_plan: plan.Plan, exchange: Exchange = LOCAL
     ) -> jax.Array:
-        """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine.
-
-        exchange(slots, back=...): under expert parallelism, the all-to-all that carries the
-        [G, E, C, D] slots to the devices holding their experts and back (capacity layout);
-        the only step that differs from one device.
-        """
-        if routing_plan.block_size:  # dropless layout: all tokens in one sorted group
+        """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine, in the
+        plan's layout. exchange: the all-to-all that carries the [G, E, C, D] slots to the
+        devices holding their experts and back (capacity layout only)."""
+        if routing_plan.sorted_blocks:  # all tokens in one group, rows sorted by expert
             tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]
             rows = dispatch_lib.dispatch(tokens, routing_plan, "index")[0]  # [R, D]
             out = self.experts.grouped(
@@ -234,13 +274,10 @@ class MoE(nnx.Module):
         num_groups = groups.shape[0]
         rows = dispatch_lib.dispatch(groups, routing_plan, self.dispatch)  # [G, E * C, D]
         slots = rows.reshape(num_groups, self.num_experts, routing_plan.capacity, self.d_model)
-        if exchange is not None:
-            slots = exchange(slots, back=False)  # [n * G, E_loc, C, D]: this device's experts
+        slots = exchange.to_experts(slots)  # [n * G, E_loc, C, D]: this device's experts
         # The one-hot path keeps the batched-einsum experts: together they are the GShard form.
         run_experts = self.experts if self.dispatch == "index" else self.experts.batched
-        out = run_experts(slots)
-        if exchange is not None:
-            out = exchange(out, back=True)  # [G, E, C, D]
+        out = exchange.from_experts(run_experts(slots))  # [G, E, C, D]
         return dispatch_lib.combine(out.reshape(rows.shape), routing_plan, self.dispatch)
 
     def routing_stats(
@@ -268,92 +305,24 @@ class MoE(nnx.Module):
         """y + the shared experts' output on x [B, L, D] (0 at padding); y if there are none."""
         if self.shared_experts is None:
             return y
-        return y + self.shared_experts.dense(x) * _token_weight(mask, x.dtype)
+        weight = 1.0 if mask is None else mask[..., None].astype(x.dtype)  # [B, L, 1]
+        return y + self.shared_experts.dense(x) * weight
 
-    def routing_group_size(self, batch: int, length: int) -> int:
-        """Tokens per routing group: group_size, or one sequence when None.
+    def routing_group_size(self, num_tokens: int, length: int) -> int:
+        """Tokens per routing group among one device's `num_tokens`: group_size, or one
+        sequence of `length` when None.
 
-        A sequence never straddles devices (batches are split by example), so with the default
-        capacity is counted the same way on one device and on any mesh.
+        A sequence never straddles devices (batches are split by example), so with the
+        default capacity is counted the same way on one device and on any mesh.
         """
         if self.group_size is None:
             return length
-        if (batch * length) % self.group_size:
+        if num_tokens % self.group_size:
             raise ValueError(
-                f"group_size={self.group_size} must divide the number of tokens batch * length = "
-                f"{batch * length}"
+                f"group_size={self.group_size} does not divide the {num_tokens} tokens per "
+                "device (batch x length of its share); routing groups may not straddle devices"
             )
         return self.group_size
 
-    def _token_tasks(self, task_ids, batch: int, length: int) -> jax.Array | None:
-        return token_task_ids(
-            task_ids, batch, length, self.num_tasks, self.routing, self.kind.needs_tasks
-        )
 
-
-def token_task_ids(
-    task_ids, batch: int, length: int, num_tasks: int | None, routing: str, needs_tasks: bool
-) -> jax.Array | None:
-    """task_ids [B] -> per-token ids [B * L], validated where the values are concrete.
-
-    Under jit the range cannot be checked; an out-of-range id then reads NaN router logits
-    (routing.take_task_rows), which surfaces as a NaN loss rather than a silent misroute.
-    """
-    if task_ids is None:
-        if needs_tasks:
-            raise ValueError(f"routing={routing!r} needs task_ids [batch] at call time, got None")
-        return None
-    if num_tasks is None:
-        # Task ids only feed the usage statistics; without num_tasks there is no table size.
-        return None
-    task_ids = jnp.asarray(task_ids)
-    if task_ids.shape != (batch,) or not jnp.issubdtype(task_ids.dtype, jnp.integer):
-        raise ValueError(
-            f"task_ids must be an int array of shape [batch]=({batch},), got "
-            f"{task_ids.dtype}{list(task_ids.shape)}"
-        )
-    if not isinstance(task_ids, jax.core.Tracer):
-        values = np.asarray(task_ids)
-        bad = values[(values < 0) | (values >= num_tasks)]
-        if bad.size:
-            raise ValueError(
-                f"task_ids contain {sorted(set(bad.tolist()))}; allowed: 0 <= "
-                f"task_id < num_tasks={num_tasks}"
-            )
-    return jnp.repeat(task_ids.astype(jnp.int32), length)
-
-
-def check_mask(mask, batch: int, length: int) -> jax.Array | None:
-    """mask [B, L] bool (True = real token) or None; ValueError naming the shape otherwise."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.shape != (batch, length) or mask.dtype != jnp.bool_:
-        raise ValueError(
-            f"mask must be a bool array of shape [batch, length]=({batch}, {length}), "
-            f"got {mask.dtype}{list(mask.shape)}"
-        )
-    return mask
-
-
-def _token_weight(mask: jax.Array | None, dtype) -> jax.Array | float:
-    """mask [B, L] -> [B, L, 1] 0/1 in dtype (1.0 without a mask)."""
-    return 1.0 if mask is None else mask[..., None].astype(dtype)
-
-
-def _check_input(x: jax.Array, d_model: int) -> tuple[int, int]:
-    if x.ndim != 3 or x.shape[-1] != d_model:
-        raise ValueError(
-            f"x must have shape [batch, length, d_model={d_model}], got {list(x.shape)}"
-        )
-    return x.shape[0], x.shape[1]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-
-
-def _check_capacity_factor(name: str, value) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name}={value!r} must be > 0, or None for dropless")
+MoESettings = settings_class(MoE)

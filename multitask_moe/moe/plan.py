@@ -38,6 +38,11 @@ class Plan:
     block_size: int = struct.field(pytree_node=False, default=0)
 
     @property
+    def sorted_blocks(self) -> bool:
+        """True for the dropless layout (rows sorted by expert in blocks), False for slots."""
+        return self.block_size > 0
+
+    @property
     def num_rows(self) -> int:
         return self.row_assign.shape[-1]
 

@@ -1,4 +1,4 @@
-"""Routers: where the E logits per token come from (PAPERS.md section 1).
+"""Routers: where the E logits per token come from (docs/methods.md, Task-MoE).
 
 A routing kind is data, not a class: each kind says whether the logits get a token term
 (x . W with one W shared by all tasks, or one W[t] per task) and whether they get a task
@@ -74,7 +74,7 @@ class Router(nnx.Module):
             raise ValueError(f"router_init={init!r} is not allowed; allowed: {ROUTER_INITS}")
         if noise_std < 0:
             raise ValueError(f"router_noise={noise_std} must be >= 0")
-        self.routing = routing
+        self.routing, self.init = routing, init
         self.num_experts = num_experts
         self.num_tasks = num_tasks
         self.noise_std = noise_std
@@ -99,23 +99,34 @@ class Router(nnx.Module):
             )
         self.noise_rngs = rngs["router"].fork() if noise_std > 0 else nnx.data(None)
 
+    def noise(self, shape: tuple[int, ...], deterministic: bool) -> jax.Array | None:
+        """Training noise for the logits of tokens of `shape` -> [*shape, E] f32, or None.
+
+        Drawn by the layer for the whole batch before its tokens are split over devices,
+        so every token gets the same value on one device and on any mesh.
+        """
+        if self.noise_std <= 0 or deterministic:
+            return None
+        return jax.random.normal(self.noise_rngs(), (*shape, self.num_experts), jnp.float32)
+
     def __call__(
-        self, x: jax.Array, task_ids: jax.Array | None, *, deterministic: bool = True
+        self, x: jax.Array, task_ids: jax.Array | None, *, noise: jax.Array | None = None
     ) -> jax.Array:
-        """x [G, S, D], task_ids [G, S] int32 or None -> logits [G, S, E] float32."""
+        """x [G, S, D], task_ids [G, S] int32 or None, noise [G, S, E] (from `noise`) or
+        None -> logits [G, S, E] float32."""
         x = x.astype(jnp.float32)
         logits = jnp.zeros(x.shape[:-1] + (self.num_experts,), jnp.float32)
         if self.kind.token_term == "shared":
             logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])
         elif self.kind.token_term == "per_task":
-            # One [D, E] router per task. Computing every task's logits ([G, S, T, E], T*E small)
-            # and picking the token's row is cheaper than gathering a [D, E] router per token.
+            # One [D, E] router per task. Computing every task's logits ([G, S, T, E], T*E
+            # small) and picking the token's row is cheaper than gathering a [D, E] router
+            # per token.
             all_logits = jnp.einsum("gsd,tde->gste", x, self.kernel[...])
             logits = take_along_tasks(all_logits, task_ids)  # [G, S, E]
         if self.kind.task_term:
             logits = logits + take_task_rows(self.task_logits[...], task_ids)  # [G, S, E]
-        if self.noise_std > 0 and not deterministic:
-            noise = jax.random.normal(self.noise_rngs(), logits.shape, jnp.float32)
+        if noise is not None:
             logits = logits + self.noise_std * noise
         return logits
 

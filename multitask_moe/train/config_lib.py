@@ -12,16 +12,40 @@ can give them a value but cannot parse "None".
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
+from multitask_moe.moe import MoASettings, MoESettings
 
-def _nullable(kind: type, value):
-    field = config_dict.placeholder(kind)
-    field.set(value)
-    return field
+
+def settings_section(settings: type, **values) -> ml_collections.ConfigDict:
+    """A config section with one field per field of a layer's settings dataclass: the
+    field's default, or `values[name]` (required fields must be given).
+
+    A field that may be None is a typed placeholder, so the command line can still set it;
+    a field of several types (eval_capacity_factor: a float, None or "same") takes any value.
+    """
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(settings):
+        value = values.pop(field.name, field.default)
+        if value is dataclasses.MISSING:
+            raise ValueError(f"{settings.__name__}.{field.name} needs a value in the config")
+        kinds = [kind for kind in typing.get_args(field.type) if kind is not type(None)]
+        if len(kinds) > 1:
+            section[field.name] = config_dict.FieldReference(value, field_type=object)
+        elif kinds:  # T | None
+            reference = config_dict.placeholder(kinds[0])
+            reference.set(value)
+            section[field.name] = reference
+        else:
+            section[field.name] = value
+    if values:
+        raise ValueError(f"{settings.__name__} has no fields {sorted(values)}")
+    return section
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -82,28 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.moe_every = 2  # MoE MLP in blocks i % moe_every == moe_every - 1; 0 = none
     c.model.moa_every = 0  # MoA attention in blocks i % moa_every == 0; 0 = none
-    c.model.moe = ml_collections.ConfigDict()
-    c.model.moe.num_experts = 8
-    c.model.moe.top_k = 2
-    c.model.moe.expert_dim = 0  # 0: mlp_dim // top_k (active compute of one dense MLP)
-    c.model.moe.routing = "tokens"  # tokens | experts | task | task_tokens | per_task
-    c.model.moe.capacity_factor = _nullable(float, 1.25)  # None = dropless
-    c.model.moe.eval_capacity_factor = _nullable(float, 2.0)  # None = dropless
-    c.model.moe.num_shared_experts = 0
-    c.model.moe.renormalize_gates = False
-    c.model.moe.router_noise = 0.0
-    c.model.moe.router_init = "normal"  # normal | zeros
-    c.model.moe.batch_priority = False
-    # Tokens per routing group (capacity is per group). None: one group per device's share of
-    # a batch (setup.resolve_group_size), which is what expert parallelism needs.
-    c.model.moe.group_size = config_dict.placeholder(int)
-    c.model.moe.dispatch = "index"  # index | einsum
-    c.model.moa = ml_collections.ConfigDict()
-    c.model.moa.num_experts = 8
-    c.model.moa.top_k = 2
-    c.model.moa.head_dim = 16
-    c.model.moa.routing = "tokens"
-    c.model.moa.router_init = "normal"
+    # Every option of the sparse layers, named and defaulted as in the layers' constructors
+    # (multitask_moe.MoE / MoA; the settings classes beside them). d_hidden=0 means
+    # mlp_dim // top_k (the active compute of one dense MLP); group_size=None means one
+    # routing group per device's share of a batch (setup.routing_group_size).
+    c.model.moe = settings_section(MoESettings, num_experts=8, top_k=2, d_hidden=0)
+    c.model.moa = settings_section(MoASettings, num_experts=8, top_k=2, head_dim=16)
 
     c.progress_bar = True
     c.write_plots = True

@@ -131,19 +131,19 @@ def check_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh
 
 
-def resolve_group_size(config: ml_collections.ConfigDict, mesh, num_tokens: int) -> None:
-    """model.moe.group_size=None -> one routing group per device's share of a batch.
+def routing_group_size(config: ml_collections.ConfigDict, mesh, num_tokens: int) -> int | None:
+    """The MoE routing group for model.moe.group_size=None: one group per device's share of
+    a batch (None when the model has no MoE block or the config sets the size itself).
 
     Capacity is counted per routing group, and under a mesh a group may not straddle
     devices; the largest group that divides both the train and the eval share of every
-    device is gcd(train, eval) examples' worth of tokens. Sets the field in place.
+    device is gcd(train, eval) examples' worth of `num_tokens` tokens.
     """
     if not config.model.moe_every or config.model.moe.group_size is not None:
-        return
+        return None
     shards = parallel.num_batch_shards(mesh)
     examples = math.gcd(config.batch_size // shards, config.eval_batch_size // shards)
-    with config.unlocked():
-        config.model.moe.group_size = examples * num_tokens
+    return examples * num_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +169,8 @@ def build(
     """The abstract state and the step functions on `mesh` (a Mesh, or an AbstractMesh to
     check shapes of a config for hardware that is not here)."""
 
+    group_size = routing_group_size(config, mesh, token_shape[0])
+
     def create_model(rngs):
         return models.model_from_config(
             config.model,
@@ -176,6 +178,7 @@ def build(
             task_modalities=task_modalities,
             token_shape=tuple(token_shape),
             rngs=rngs,
+            group_size=group_size,
         )
 
     with _use_mesh(mesh):
@@ -242,7 +245,6 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     tasks = mixture.tasks
     task_names = tuple(task.name for task in tasks)
     token_shape = tuple(int(n) for n in mixture.token_shape)
-    resolve_group_size(config, mesh, token_shape[0])
     sharding = parallel.batch_sharding(mesh)
     try:
         model = build(

@@ -1,0 +1,80 @@
+"""Argument checks shared by the MoE and MoA layers: one clear ValueError per bad value.
+
+Shapes: B batch, L sequence length, D d_model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def top_k(value, num_experts: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
+        raise ValueError(f"top_k={value!r} must be an int in [1, num_experts={num_experts}]")
+
+
+def input_shape(x: jax.Array, d_model: int) -> tuple[int, int]:
+    """x [B, L, D] -> (B, L)."""
+    if x.ndim != 3 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"x must have shape [batch, length, d_model={d_model}], got {list(x.shape)}"
+        )
+    return x.shape[0], x.shape[1]
+
+
+def mask(value, batch: int, length: int) -> jax.Array | None:
+    """mask [B, L] bool (True = real token) or None; ValueError naming the shape otherwise."""
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    if value.shape != (batch, length) or value.dtype != jnp.bool_:
+        raise ValueError(
+            f"mask must be a bool array of shape [batch, length]=({batch}, {length}), "
+            f"got {value.dtype}{list(value.shape)}"
+        )
+    return value
+
+
+def task_ids(
+    value, batch: int, num_tasks: int | None, routing: str, needs_tasks: bool
+) -> jax.Array | None:
+    """task_ids [B] -> [B] int32, or None when the layer has no use for them.
+
+    The range is checked where the values are concrete and on this host. Under jit it
+    cannot be; an out-of-range id then reads NaN router logits (routing.take_task_rows),
+    which surfaces as a NaN loss rather than a silent misroute.
+    """
+    if value is None:
+        if needs_tasks:
+            raise ValueError(f"routing={routing!r} needs task_ids [batch] at call time, got None")
+        return None
+    if num_tasks is None:
+        # Task ids only feed the usage statistics; without num_tasks there is no table size.
+        return None
+    value = jnp.asarray(value)
+    if value.shape != (batch,) or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(
+            f"task_ids must be an int array of shape [batch]=({batch},), got "
+            f"{value.dtype}{list(value.shape)}"
+        )
+    if not isinstance(value, jax.core.Tracer) and value.is_fully_addressable:
+        values = np.asarray(value)
+        bad = values[(values < 0) | (values >= num_tasks)]
+        if bad.size:
+            raise ValueError(
+                f"task_ids contain {sorted(set(bad.tolist()))}; allowed: 0 <= "
+                f"task_id < num_tasks={num_tasks}"
+            )
+    return value.astype(jnp.int32)
+
+
+def capacity_factor(name: str, value) -> None:
+    if value is not None and not (isinstance(value, int | float) and value > 0):
+        raise ValueError(f"{name}={value!r} must be > 0, or None for dropless")
