@@ -6,6 +6,7 @@ checkpoint restored onto another mesh gives the same eval numbers; and the comma
 handles SIGTERM and bad configs as documented.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -169,6 +170,32 @@ def test_resume_from_the_midway_checkpoint_equals_the_uninterrupted_run(
     assert step_a == step_b == progress["data_step"] == 2 * HALF
     for a, b in zip(params_a, params_b, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def rewrite_progress(checkpoint_dir, **changes):
+    """Edits the progress JSON of a copied checkpoint (what another run would have saved)."""
+    path = checkpoint_dir / "progress" / "metadata"
+    progress = json.loads(path.read_text())
+    progress.update(changes)
+    path.write_text(json.dumps(progress))
+
+
+def test_resume_refuses_a_data_position_that_is_not_the_step(experiment, reference, tmp_path):
+    # A loop that drew one batch outside a step would have saved position HALF + 1.
+    workdir, _ = reference
+    copy = tmp_path / "checkpoints" / str(HALF)
+    shutil.copytree(workdir / "checkpoints" / str(HALF), copy)
+    rewrite_progress(copy, data_step=HALF + 1)
+    with pytest.raises(ConfigError, match=rf"records data position {HALF + 1} after {HALF} steps"):
+        run(experiment, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == [str(HALF)]
+
+
+def test_resume_refuses_other_data_settings(reference, tmp_path):
+    workdir, _ = reference
+    shutil.copytree(workdir / "checkpoints" / str(HALF), tmp_path / "checkpoints" / str(HALF))
+    with pytest.raises(ConfigError, match=r"other data settings \(seed: 0 -> 1\)"):
+        train_and_evaluate(tiny_config(seed=1), str(tmp_path))
 
 
 def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp_path):

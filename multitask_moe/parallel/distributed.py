@@ -35,7 +35,6 @@ _SLURM_VARS = (
     "SLURM_LOCALID",
 )
 _OPEN_MPI_VAR = "OMPI_MCA_orte_hnp_uri"
-_STARTED: DistributedInfo | None = None  # set once this process has joined (or not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,7 @@ class DistributedInfo:
     """What ``initialize`` did: the mode it resolved to and this process's place."""
 
     # The resolved mode: "none", "tpu", "slurm", "ompi", "explicit", or "external" when
-    # jax.distributed was already started by other code.
+    # jax.distributed was already running (started by an earlier call or by other code).
     mode: str
     process_id: int
     num_processes: int
@@ -134,7 +133,9 @@ def initialize(
                   $MTM_COORDINATOR_ADDRESS, $MTM_NUM_PROCESSES, $MTM_PROCESS_ID,
                   $MTM_LOCAL_DEVICE_IDS ("0,1").
 
-    Calling it again after a successful start is a no-op (returns the same info).
+    Calling it again once JAX's distributed runtime is up is a no-op that reports it as
+    mode "external": JAX's own state says whether this process has joined, so there is no
+    second record of it here to disagree with.
 
     Raises:
       ValueError: unknown mode, missing or malformed explicit arguments, or a cluster mode
@@ -142,12 +143,8 @@ def initialize(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    global _STARTED
-    if _STARTED is not None:
-        return _STARTED
-    if jax.distributed.is_initialized():  # started by other code: report, do not restart
-        _STARTED = DistributedInfo("external", jax.process_index(), jax.process_count())
-        return _STARTED
+    if jax.distributed.is_initialized():  # already joined: report, do not restart
+        return DistributedInfo("external", jax.process_index(), jax.process_count())
 
     given = (coordinator_address, num_processes, process_id, local_device_ids)
     env_given = any(
@@ -206,8 +203,7 @@ def initialize(
             )
         else:
             jax.distributed.initialize(initialization_timeout=initialization_timeout)
-    _STARTED = DistributedInfo(mode, jax.process_index(), jax.process_count())
-    return _STARTED
+    return DistributedInfo(mode, jax.process_index(), jax.process_count())
 
 
 def is_coordinator() -> bool:

@@ -67,6 +67,154 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
         return False
 
 
+class Batches(Iterator):
+    """The train batches with their position: how many the data has served since step 0.
+
+    A checkpoint records this count, not the step, so the resume check compares two
+    independent facts: a loop that drew a batch outside a step (or skipped one) leaves a
+    position that differs from the step, and that checkpoint is refused.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, jax.Array]], position: int):
+        self._batches = batches
+        self.position = position
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = next(self._batches)
+        self.position += 1
+        return batch
+
+
+class PendingMetrics:
+    """Per-step metrics still on device, fetched in bulk at a sync point.
+
+    The loop never waits on a step it has just dispatched. `sync` feeds the fetched metrics
+    to the meter and stops at the first non-finite step unless such updates are skipped;
+    it runs before any checkpoint, so a NaN never reaches disk.
+    """
+
+    def __init__(self, meter: TrainMeter, checkpoints: Checkpoints, *, skip_nonfinite: bool):
+        self.meter, self.checkpoints, self.skip_nonfinite = meter, checkpoints, skip_nonfinite
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+
+    def sync(self) -> None:
+        pending, self._pending = self._pending, []
+        fetched = jax.device_get([metrics for _, metrics in pending])
+        for (step, _), metrics in zip(pending, fetched, strict=True):
+            if bool(metrics["nonfinite"]) and not self.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss {float(metrics['loss'])} (gradient norm "
+                    f"{float(metrics['grad_norm'])}) at step {step}; {self._last_good()}. "
+                    "Lower optimizer.learning_rate, or set skip_nonfinite_updates=True to skip "
+                    "such updates"
+                )
+            self.meter.add(metrics)
+
+    def _last_good(self) -> str:
+        last = self.checkpoints.latest_step()
+        if last is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint is step {last} in {self.checkpoints.directory}"
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class Throughput:
+    """Steps per second since the last reading, not counting time spent evaluating."""
+
+    def __init__(self, step: int):
+        self.step, self.start = step, time.perf_counter()
+
+    def read(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.start, 1e-9)
+        self.step, self.start = step, now
+        return rate
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+
+class Log:
+    """Every `every` steps, at the end and when stopping: train scalars and throughput."""
+
+    def __init__(
+        self,
+        every: int,
+        meter: TrainMeter,
+        writer: MetricWriter,
+        throughput: Throughput,
+        *,
+        batch_size: int,
+        bar: tqdm,
+    ):
+        self.every, self.meter, self.writer, self.throughput = every, meter, writer, throughput
+        self.batch_size, self.bar = batch_size, bar
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        return _due(step, self.every) or last or stop
+
+    def __call__(self, step: int, state: dict) -> None:
+        del state
+        steps_per_sec = self.throughput.read(step)
+        scalars = self.meter.summary()
+        self.meter.reset()
+        scalars.update(
+            steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * self.batch_size
+        )
+        self.writer.write(step, scalars)
+        self.bar.set_postfix(
+            loss=f"{scalars['train/loss']:.4f}",
+            ex_per_s=f"{scalars['examples_per_sec']:.0f}",
+            refresh=False,
+        )
+
+
+class Evaluate:
+    """Every `every` steps except the last (the run evaluates the final state itself)."""
+
+    def __init__(
+        self,
+        every: int,
+        evaluate: Callable[[dict], dict[str, float]],
+        writer: MetricWriter,
+        throughput: Throughput,
+    ):
+        self.every, self.evaluate, self.writer, self.throughput = (
+            every,
+            evaluate,
+            writer,
+            throughput,
+        )
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        del stop
+        return _due(step, self.every) and not last
+
+    def __call__(self, step: int, state: dict) -> None:
+        start = time.perf_counter()
+        self.writer.write(step, self.evaluate(state))
+        self.throughput.exclude(time.perf_counter() - start)
+
+
+class Checkpoint:
+    """Every `every` steps, at the end and when stopping: the state and `progress(step)`."""
+
+    def __init__(self, every: int, checkpoints: Checkpoints, progress: Callable[[int], dict]):
+        self.every, self.checkpoints, self.progress = every, checkpoints, progress
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        return _due(step, self.every) or last or stop
+
+    def __call__(self, step: int, state: dict) -> None:
+        self.checkpoints.save(step, state, self.progress(step))
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: dict
@@ -74,113 +222,31 @@ class LoopResult:
     preempted: bool
 
 
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
-
-
 def train_loop(
-    *,
     state: dict,
-    start_step: int,
-    num_steps: int,
+    steps: range,
     batches: Iterator[dict[str, jax.Array]],
     train_step: Callable[[dict, dict], tuple[dict, dict]],
-    evaluate: Callable[[dict], dict[str, float]],
-    checkpoints: Checkpoints,
-    writer: MetricWriter,
-    meter: TrainMeter,
-    progress: Callable[[int], dict],
-    config,
-    show_progress: bool,
+    pending: PendingMetrics,
+    actions: list[Log | Evaluate | Checkpoint],
+    bar: tqdm,
 ) -> LoopResult:
-    """Runs steps start_step+1 .. num_steps (or until SIGTERM) with the periodic actions.
-
-    `batches` yields global batches; `evaluate(state)` returns eval scalars; `progress(step)`
-    gives the JSON saved with a checkpoint.
-    """
-    pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not fetched
-    last_saved = checkpoints.latest_step()
-    log_time, log_step = time.perf_counter(), start_step
-
-    def sync() -> None:
-        """Fetches pending metrics; stops at the first non-finite step (unless skipping)."""
-        nonlocal pending
-        if not pending:
-            return
-        fetched = jax.device_get([metrics for _, metrics in pending])
-        for (step, _), metrics in zip(pending, fetched, strict=True):
-            if bool(metrics["nonfinite"]) and not config.skip_nonfinite_updates:
-                pending = []
-                saved = (
-                    f"the last good checkpoint is step {last_saved} in {checkpoints.directory}"
-                    if last_saved is not None
-                    else "no checkpoint was written before it"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss {float(metrics['loss'])} (gradient norm "
-                    f"{float(metrics['grad_norm'])}) at step {step}; {saved}. Lower "
-                    "optimizer.learning_rate, or set skip_nonfinite_updates=True to skip such "
-                    "updates"
-                )
-            meter.add(metrics)
-        pending = []
-
-    watcher = PreemptionWatcher()
-    bar = tqdm(
-        total=num_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not show_progress,
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
-    step = start_step
-    with watcher, bar:
-        while step < num_steps:
-            batch = next(batches)
+    """Runs `steps` (start + 1 .. num_steps) until done or SIGTERM; after a step where any
+    action is due, syncs the pending metrics and runs the due actions in order."""
+    step = steps.start - 1
+    with PreemptionWatcher() as watcher, bar:
+        for step in steps:
             # Catches accidental host<->device copies inside the step (big_vision's habit).
             with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch)
-            step += 1
-            pending.append((step, metrics))
+                state, metrics = train_step(state, next(batches))
+            pending.add(step, metrics)
             bar.update(1)
             stop = watcher.requested()
-            last = step == num_steps
-            log_now = _due(step, config.log_every_steps) or last or stop
-            eval_now = _due(step, config.eval_every_steps) and not last
-            save_now = _due(step, config.checkpoint_every_steps) or last or stop
-            if not (log_now or eval_now or save_now):
-                continue
-            sync()
-            if log_now:
-                now = time.perf_counter()
-                steps_per_sec = (step - log_step) / max(now - log_time, 1e-9)
-                scalars = meter.summary()
-                meter.reset()
-                scalars.update(
-                    steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * config.batch_size
-                )
-                writer.write(step, scalars)
-                bar.set_postfix(
-                    loss=f"{scalars['train/loss']:.4f}",
-                    ex_per_s=f"{scalars['examples_per_sec']:.0f}",
-                    refresh=False,
-                )
-                log_time, log_step = now, step
-            if eval_now:
-                writer.write(step, evaluate(state))
-                log_time = time.perf_counter()  # eval time is not training throughput
-            if save_now:
-                checkpoints.save(step, state, progress(step))
-                last_saved = step
+            due = [a for a in actions if a.due(step, last=step == steps.stop - 1, stop=stop)]
+            if due:
+                pending.sync()
+            for action in due:
+                action(step, state)
             if stop:
-                if jax.process_index() == 0:
-                    bar.clear()
-                    print(
-                        f"\nSIGTERM: saved a checkpoint at step {step} in "
-                        f"{checkpoints.directory}; run the same command again to resume.",
-                        flush=True,
-                    )
-                break
-    return LoopResult(state=state, step=step, preempted=step < num_steps)
+                return LoopResult(state=state, step=step, preempted=step < steps.stop - 1)
+    return LoopResult(state=state, step=step, preempted=False)

@@ -16,12 +16,12 @@ import os
 import jax
 import ml_collections
 import tensorflow as tf
+from tqdm import tqdm
 
 from multitask_moe import parallel
 from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train import plots
+from multitask_moe.train import loop, plots
 from multitask_moe.train.checkpoint import Checkpoints
-from multitask_moe.train.loop import train_loop
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
 from multitask_moe.train.state import count_params, create_state
@@ -50,12 +50,9 @@ def run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
 
 def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
-    config = experiment.config
+    config, spec, task_names = experiment.config, experiment.model.spec, experiment.task_names
     chief = jax.process_index() == 0
-    mesh = experiment.mesh
-    spec = experiment.model.spec
-    batch_sharding = parallel.batch_sharding(mesh)
-    task_names = experiment.task_names
+    batch_sharding = parallel.batch_sharding(experiment.mesh)
 
     tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
     if chief:
@@ -64,70 +61,93 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
     writer = MetricWriter(workdir, enabled=chief)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     try:
-        train_step, eval_step = experiment.train_step, experiment.eval_step
-        compile_seconds = experiment.compile_seconds
-        start_step = checkpoints.latest_step()
-        if start_step is None:
-            start_step = 0
-            state = create_state(spec, config.seed)
-        else:
-            if start_step > config.num_train_steps:
-                raise ConfigError(
-                    f"{checkpoints.directory} holds step {start_step}, past num_train_steps="
-                    f"{config.num_train_steps}; raise num_train_steps or use a new --workdir"
-                )
-            state, saved = checkpoints.restore(start_step, spec.abstract)
-            _check_resumable(saved, start_step, task_names, checkpoints.directory)
-            if chief:
-                print(f"Resuming from step {start_step} ({checkpoints.directory}).", flush=True)
+        state, start_step = _initial_state(experiment, checkpoints)
         writer.truncate_after(start_step)
         if chief:
             print(
                 f"{len(task_names)} tasks, {count_params(spec.abstract['params']):,} "
-                f"parameters, mesh {dict(mesh.shape)}, train step compiled in "
-                f"{compile_seconds:.1f}s.",
+                f"parameters, mesh {dict(experiment.mesh.shape)}, train step compiled in "
+                f"{experiment.compile_seconds:.1f}s.",
                 flush=True,
             )
-        writer.write(start_step, {"compile_seconds": compile_seconds})
+        writer.write(start_step, {"compile_seconds": experiment.compile_seconds})
 
         def evaluate(state, split: str = config.data.eval_split, prefix: str = "eval"):
             batches = experiment.mixture.eval_batches(split, batch_size=config.eval_batch_size)
             return evaluate_lib.evaluate(
-                eval_step, state, batches, batch_sharding, task_names, spec.sparse_layers, prefix
+                experiment.eval_step,
+                state,
+                batches,
+                batch_sharding,
+                task_names,
+                spec.sparse_layers,
+                prefix,
             )
 
         local_batches = experiment.mixture.iterator(
             "train", batch_size=config.batch_size, seed=config.seed, start_step=start_step
         )
-        batches = (
-            evaluate_lib.global_batch(batch, evaluate_lib.TRAIN_KEYS, batch_sharding)
-            for batch in local_batches
+        batches = loop.Batches(
+            (
+                evaluate_lib.global_batch(batch, evaluate_lib.TRAIN_KEYS, batch_sharding)
+                for batch in local_batches
+            ),
+            position=start_step,
         )
 
         def progress(step: int) -> dict:
-            # The iterator serves one batch per step, so its position is the step.
             return {
                 "step": step,
-                "data_step": step,
+                "data_step": batches.position,
+                "data": _data_settings(config),
                 "task_names": list(task_names),
-                "mesh": {name: int(size) for name, size in mesh.shape.items()},
+                "mesh": {name: int(size) for name, size in experiment.mesh.shape.items()},
             }
 
-        result = train_loop(
-            state=state,
-            start_step=start_step,
-            num_steps=config.num_train_steps,
-            batches=batches,
-            train_step=train_step,
-            evaluate=lambda state: evaluate(state)[0],
-            checkpoints=checkpoints,
-            writer=writer,
-            meter=TrainMeter(task_names, spec.sparse_layers),
-            progress=progress,
-            config=config,
-            show_progress=chief and config.progress_bar,
+        meter = TrainMeter(task_names, spec.sparse_layers)
+        throughput = loop.Throughput(start_step)
+        bar = tqdm(
+            total=config.num_train_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not (chief and config.progress_bar),
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        actions = [
+            loop.Log(
+                config.log_every_steps,
+                meter,
+                writer,
+                throughput,
+                batch_size=config.batch_size,
+                bar=bar,
+            ),
+            loop.Evaluate(
+                config.eval_every_steps, lambda state: evaluate(state)[0], writer, throughput
+            ),
+            loop.Checkpoint(config.checkpoint_every_steps, checkpoints, progress),
+        ]
+        pending = loop.PendingMetrics(
+            meter, checkpoints, skip_nonfinite=config.skip_nonfinite_updates
+        )
+        result = loop.train_loop(
+            state,
+            range(start_step + 1, config.num_train_steps + 1),
+            batches,
+            experiment.train_step,
+            pending,
+            actions,
+            bar,
         )
         if result.preempted:
+            if chief:
+                print(
+                    f"\nSIGTERM: saved a checkpoint at step {result.step} in "
+                    f"{checkpoints.directory}; run the same command again to resume.",
+                    flush=True,
+                )
             return {}
         if start_step == config.num_train_steps:
             checkpoints.save(start_step, result.state, progress(start_step))
@@ -146,16 +166,61 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
         writer.close()
 
 
-def _check_resumable(saved: dict, step: int, task_names, directory: str) -> None:
+def _data_settings(config: ml_collections.ConfigDict) -> dict:
+    """The settings that fix the train batch of every step (not where the files live)."""
+    data = config.data
+    return {
+        "tasks": data.tasks,
+        "rate": data.rate,
+        "temperature": data.temperature,
+        "cap": data.cap,
+        "image_size": data.image_size,
+        "patch_size": data.patch_size,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+
+
+def _initial_state(experiment: Experiment, checkpoints: Checkpoints) -> tuple[dict, int]:
+    """(state, step): the workdir's latest checkpoint, or a fresh state at step 0."""
+    config, spec = experiment.config, experiment.model.spec
+    step = checkpoints.latest_step()
+    if step is None:
+        return create_state(spec, config.seed), 0
+    if step > config.num_train_steps:
+        raise ConfigError(
+            f"{checkpoints.directory} holds step {step}, past num_train_steps="
+            f"{config.num_train_steps}; raise num_train_steps or use a new --workdir"
+        )
+    state, saved = checkpoints.restore(step, spec.abstract)
+    _check_resumable(saved, step, experiment, checkpoints.directory)
+    if jax.process_index() == 0:
+        print(f"Resuming from step {step} ({checkpoints.directory}).", flush=True)
+    return state, step
+
+
+def _check_resumable(saved: dict, step: int, experiment: Experiment, directory: str) -> None:
+    """ConfigError unless resuming `saved` (a checkpoint's progress) continues the run
+    exactly: one batch served per step, the same tasks and the same data settings."""
     if saved.get("data_step") != step:
         raise ConfigError(
             f"checkpoint {step} in {directory} records data position "
-            f"{saved.get('data_step')}; cannot resume exactly"
+            f"{saved.get('data_step')} after {step} steps; cannot resume exactly"
         )
-    if list(saved.get("task_names", [])) != list(task_names):
+    task_names = list(experiment.task_names)
+    if list(saved.get("task_names", [])) != task_names:
         raise ConfigError(
             f"checkpoint {step} in {directory} was trained on tasks {saved.get('task_names')}, "
-            f"but the config has {list(task_names)}; use a new --workdir"
+            f"but the config has {task_names}; use a new --workdir"
+        )
+    now = _data_settings(experiment.config)
+    before = saved.get("data", now)  # checkpoints older than this record have none
+    changed = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+    if changed:
+        described = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"checkpoint {step} in {directory} was trained with other data settings "
+            f"({described}); resuming would not continue its batches; use a new --workdir"
         )
 
 
