@@ -15,6 +15,18 @@ from flax import nnx
 from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
 
 
+def _from_settings(layer_class, settings, d_model, num_tasks, dtype, param_dtype, rngs):
+    """A sparse layer: every option from its settings, by name; the model supplies the rest."""
+    return layer_class(
+        d_model,
+        num_tasks=num_tasks,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        **settings.layer_kwargs(),
+    )
+
+
 class DenseMLP(nnx.Module):
     """D -> mlp_dim -> D with GELU; the dense counterpart of one MoE layer."""
 
@@ -40,15 +52,7 @@ class SparseMLP(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        # Every layer option comes from the settings, by name; the model supplies the rest.
-        self.moe = MoE(
-            d_model,
-            num_tasks=num_tasks,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            **settings.layer_kwargs(),
-        )
+        self.moe = _from_settings(MoE, settings, d_model, num_tasks, dtype, param_dtype, rngs)
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         # Padding is not routed: it takes no capacity and stays out of the routing stats.
@@ -92,14 +96,7 @@ class SparseAttention(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        self.moa = MoA(
-            d_model,
-            num_tasks=num_tasks,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            **settings.layer_kwargs(),
-        )
+        self.moa = _from_settings(MoA, settings, d_model, num_tasks, dtype, param_dtype, rngs)
 
     def __call__(self, x, *, task_ids, mask, deterministic):
         return self.moa(x, task_ids, mask=mask, deterministic=deterministic)

@@ -79,8 +79,7 @@ class MoA(nnx.Module):
                 "by tokens; allowed: tokens, task, task_tokens, per_task"
             )
         checks.top_k(top_k, num_experts)
-        if kind.needs_tasks and (num_tasks is None or num_tasks < 1):
-            raise ValueError(f"routing={routing!r} needs num_tasks >= 1, got {num_tasks!r}")
+        checks.num_tasks(num_tasks, routing)
         self.d_model, self.num_experts = d_model, num_experts
         self.top_k, self.head_dim = top_k, head_dim
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multitask_moe.moe.routing import ROUTING_KINDS
+
 
 def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -18,6 +20,18 @@ def positive_int(name: str, value) -> None:
 def top_k(value, num_experts: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
         raise ValueError(f"top_k={value!r} must be an int in [1, num_experts={num_experts}]")
+
+
+def num_tasks(value, routing: str) -> None:
+    """num_tasks: a positive int, or None where the routing has no per-task state."""
+    if value is None and ROUTING_KINDS[routing].needs_tasks:
+        agnostic = [name for name, kind in ROUTING_KINDS.items() if not kind.needs_tasks]
+        raise ValueError(
+            f"routing={routing!r} needs num_tasks >= 1, got num_tasks=None; task-agnostic "
+            f"routings: {agnostic}"
+        )
+    if value is not None:
+        positive_int("num_tasks", value)
 
 
 def input_shape(x: jax.Array, d_model: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from flax import nnx
 from multitask_moe.moe import checks, losses, plan
 from multitask_moe.moe import dispatch as dispatch_lib
 from multitask_moe.moe.experts import BATCHED_HIDDEN_BYTES, Experts
-from multitask_moe.moe.routing import ROUTING_KINDS, Router, routing_kind
+from multitask_moe.moe.routing import Router, routing_kind
 from multitask_moe.moe.settings import settings_class
 from multitask_moe.parallel import expert_parallel
 from multitask_moe.parallel.expert_parallel import LOCAL, Exchange
@@ -91,14 +91,7 @@ class MoE(nnx.Module):
             eval_capacity_factor = capacity_factor
         checks.capacity_factor("capacity_factor", capacity_factor)
         checks.capacity_factor("eval_capacity_factor", eval_capacity_factor)
-        if kind.needs_tasks and (num_tasks is None or num_tasks < 1):
-            raise ValueError(
-                f"routing={routing!r} needs num_tasks >= 1, got num_tasks={num_tasks!r}; "
-                "task-agnostic routings: "
-                f"{[k for k, v in ROUTING_KINDS.items() if not v.needs_tasks]}"
-            )
-        if num_tasks is not None:
-            checks.positive_int("num_tasks", num_tasks)
+        checks.num_tasks(num_tasks, routing)
         if group_size is not None:
             checks.positive_int("group_size", group_size)
         if dispatch not in dispatch_lib.DISPATCH_KINDS:
