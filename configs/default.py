@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
     c.aux_loss.router_z = 0.001
 
     if args.mod_squad:
-        # Mod-Squad (PAPERS.md section 2): MoA in even blocks, MoE in odd blocks, one
+        # Mod-Squad (docs/methods.md section 2): MoA in even blocks, MoE in odd blocks, one
         # zero-initialized router per task, mutual-information loss instead of balancing.
         c.model.moa_every = 2
         c.model.moa.num_experts = 8

@@ -1,8 +1,8 @@
 """Plain-loop float64 references for the MoE and MoA layers (independent of the layer code).
 
 They read the layer's parameters and recompute every token one at a time, following
-PAPERS.md literally: logits, softmax, top-k (or each expert's top-C), capacity by
-priority order, gate * expert MLP.
+docs/methods.md and docs/layers.md literally: logits, softmax, top-k (or each expert's
+top-C), capacity by priority order, gate * expert MLP.
 """
 
 from __future__ import annotations

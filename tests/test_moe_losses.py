@@ -1,4 +1,4 @@
-"""Aux losses against hand-computed values (PAPERS.md formulas written out in numpy)."""
+"""Aux losses against hand-computed values (docs/methods.md formulas written out in numpy)."""
 
 import jax
 import jax.numpy as jnp

@@ -8,9 +8,9 @@
         y, aux = layer(x)                            # runs expert-parallel
 
 Modules: mesh (axes, batch shardings, divisibility checks), distributed (multi-host
-start-up), sharding (per-expert parameters placed at creation), expert_parallel (the
-shard_map forward of MoE/MoA, called by the layers themselves), hlo (collectives in
-compiled HLO text, for tests and benchmarks).
+start-up), sharding (per-expert parameters placed at creation), expert_parallel (runs a
+layer's one forward directly or inside shard_map, with the token Exchange; it knows no
+layer), hlo (collectives in compiled HLO text, for tests and benchmarks).
 """
 
 from multitask_moe.parallel.distributed import (
