@@ -32,6 +32,17 @@ def make_model(moe=None, moa=None, moe_every=0, moa_every=0, seed=0, dtype=jnp.f
     )
 
 
+def dropless_moe(routing):
+    return models.MoESettings(
+        num_experts=4,
+        top_k=2,
+        d_hidden=16,
+        routing=routing,
+        capacity_factor=None,
+        eval_capacity_factor=None,
+    )
+
+
 @nnx.jit(static_argnames="deterministic")
 def forward(model, inputs, mask, task_ids, deterministic=True):
     """One compile instead of op-by-op dispatch of the sparse layers."""
@@ -108,14 +119,7 @@ def test_each_task_reads_only_its_own_head_and_task_embedding():
 def test_padding_tokens_do_not_change_the_prediction(sparse):
     # Dropless MoE: a token's output depends on itself only, so padding cannot leak in
     # through the expert capacity either.
-    moe = models.MoESettings(
-        num_experts=4,
-        top_k=2,
-        d_hidden=16,
-        routing="task_tokens",
-        capacity_factor=None,
-        eval_capacity_factor=None,
-    )
+    moe = dropless_moe("task_tokens")
     model = make_model(moe=moe if sparse else None, moe_every=1 if sparse else 0)
     randomize_heads(model)
     inputs, mask, task_ids = make_batch()
@@ -179,14 +183,7 @@ def test_moe_model_has_the_dense_models_active_parameters_per_token():
 
 
 def test_bfloat16_activations_give_finite_float32_logits():
-    moe = models.MoESettings(
-        num_experts=4,
-        top_k=2,
-        d_hidden=16,
-        routing="task",
-        capacity_factor=None,
-        eval_capacity_factor=None,
-    )
+    moe = dropless_moe("task")
     model = make_model(moe=moe, moe_every=1, dtype=jnp.bfloat16)
     randomize_heads(model)
     inputs, mask, task_ids = make_batch()

@@ -74,17 +74,19 @@ def test_aux_loss_sums_layers_with_the_configured_weights():
         )
 
 
-def tiny_setup(skip_nonfinite):
-    model = models.MultitaskTransformer(
-        task_num_classes=(3, 2),
-        task_modalities=("image", "tabular"),
-        token_shape=(4, 2),
-        d_model=8,
-        depth=1,
-        num_heads=2,
-        mlp_dim=16,
+def tiny_model(task_num_classes=(3, 2), task_modalities=("image", "tabular"), **overrides):
+    """A one-block dense model of width 8 (MoE / MoA through `overrides`)."""
+    kwargs = dict(token_shape=(4, 2), d_model=8, depth=1, num_heads=2, mlp_dim=16)
+    return models.MultitaskTransformer(
+        task_num_classes=task_num_classes,
+        task_modalities=task_modalities,
         rngs=nnx.Rngs(0),
+        **{**kwargs, **overrides},
     )
+
+
+def tiny_setup(skip_nonfinite):
+    model = tiny_model()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     opt = ml_collections.ConfigDict(
         dict(
@@ -153,16 +155,7 @@ def test_schedule_warms_up_then_decays_by_cosine():
 
 
 def test_weight_decay_skips_biases_norms_and_embeddings():
-    model = models.MultitaskTransformer(
-        task_num_classes=(3,),
-        task_modalities=("tabular",),
-        token_shape=(4, 2),
-        d_model=8,
-        depth=1,
-        num_heads=2,
-        mlp_dim=16,
-        rngs=nnx.Rngs(0),
-    )
+    model = tiny_model((3,), ("tabular",))
     params = nnx.state(model, nnx.Param)
     mask = step.weight_decay_mask(params)
     flat = {
@@ -248,16 +241,7 @@ def test_config_arg_and_weight_parsing():
 
 def test_optimizer_state_keeps_parameter_structure():
     _, params, _ = nnx.split(
-        models.MultitaskTransformer(
-            task_num_classes=(3,),
-            task_modalities=("image",),
-            token_shape=(4, 2),
-            d_model=8,
-            depth=1,
-            num_heads=2,
-            mlp_dim=16,
-            rngs=nnx.Rngs(0),
-        ),
+        tiny_model((3,), ("image",)),
         nnx.Param,
         ...,
     )
@@ -284,18 +268,7 @@ def test_mutual_information_loss_trains_when_a_task_is_missing_from_the_batch():
         capacity_factor=None,
         eval_capacity_factor=None,
     )
-    model = models.MultitaskTransformer(
-        task_num_classes=(3, 2, 2),
-        task_modalities=("image",) * 3,
-        token_shape=(4, 2),
-        d_model=8,
-        depth=2,
-        num_heads=2,
-        mlp_dim=16,
-        moe=moe,
-        moe_every=2,
-        rngs=nnx.Rngs(0),
-    )
+    model = tiny_model((3, 2, 2), ("image",) * 3, depth=2, moe=moe, moe_every=2)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     tx, schedule = state.make_optimizer(config_lib.base_config().optimizer, 10)
     aux = {"load_balance": 0.0, "router_z": 0.0, "mutual_info": 0.005}

@@ -24,11 +24,6 @@ def dtype_from_name(name: str):
     return DTYPES[name]
 
 
-def _plain(section: Mapping) -> dict:
-    """A config section (ConfigDict, placeholders resolved) or a mapping -> a plain dict."""
-    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
-
-
 def moe_settings(model_config: Mapping, group_size: int | None = None) -> MoESettings | None:
     """MoESettings from config.model.moe (keys: MoESettings' fields), or None when no
     block is an MoE block.
@@ -40,7 +35,7 @@ def moe_settings(model_config: Mapping, group_size: int | None = None) -> MoESet
     """
     if not model_config["moe_every"]:
         return None
-    moe = _plain(model_config["moe"])
+    moe = dict(model_config["moe"].items())  # a ConfigDict section or a plain mapping
     if not moe.get("d_hidden") and "top_k" in moe:
         moe["d_hidden"] = model_config["mlp_dim"] // moe["top_k"]
     if moe.get("group_size") is None:
@@ -53,7 +48,7 @@ def moa_settings(model_config: Mapping) -> MoASettings | None:
     block is an MoA block."""
     if not model_config["moa_every"]:
         return None
-    return MoASettings.from_mapping(_plain(model_config["moa"]))
+    return MoASettings.from_mapping(model_config["moa"])
 
 
 def model_from_config(

@@ -66,12 +66,7 @@ class MoA(nnx.Module):
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
-        for name, value in (
-            ("d_model", d_model),
-            ("num_experts", num_experts),
-            ("head_dim", head_dim),
-        ):
-            checks.positive_int(name, value)
+        checks.positive_ints(d_model=d_model, num_experts=num_experts, head_dim=head_dim)
         kind = routing_kind(routing)
         if kind.choice != "tokens":
             raise ValueError(

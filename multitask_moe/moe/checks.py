@@ -17,6 +17,12 @@ def positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a positive int")
 
 
+def positive_ints(**values) -> None:
+    """positive_int for each name=value, in order."""
+    for name, value in values.items():
+        positive_int(name, value)
+
+
 def top_k(value, num_experts: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
         raise ValueError(f"top_k={value!r} must be an int in [1, num_experts={num_experts}]")

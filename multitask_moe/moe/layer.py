@@ -78,13 +78,12 @@ class MoE(nnx.Module):
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
-        for name, value in (
-            ("d_model", d_model),
-            ("d_hidden", d_hidden),
-            ("num_experts", num_experts),
-            ("dropless_block_size", dropless_block_size),
-        ):
-            checks.positive_int(name, value)
+        checks.positive_ints(
+            d_model=d_model,
+            d_hidden=d_hidden,
+            num_experts=num_experts,
+            dropless_block_size=dropless_block_size,
+        )
         kind = routing_kind(routing)
         checks.top_k(top_k, num_experts)
         if eval_capacity_factor == SAME_AS_TRAIN:
@@ -217,17 +216,7 @@ class MoE(nnx.Module):
         slots of a static size).
         """
         factor = self.eval_capacity_factor if deterministic else self.capacity_factor
-        group_size = probs.shape[1]
-        if self.kind.choice == "experts":
-            # Expert choice has no drops to avoid: without a factor every expert sees every
-            # token (C = S), the exact dense-gated limit.
-            capacity = (
-                group_size
-                if factor is None
-                else plan.capacity(factor, group_size, self.top_k, self.num_experts)
-            )
-            return plan.expert_choice(probs, capacity, valid)
-        if factor is None and ragged and self.dispatch == "index":
+        if factor is None and ragged and self.dispatch == "index" and self.kind.choice == "tokens":
             return plan.dropless_token_choice(
                 probs,
                 self.top_k,
@@ -235,13 +224,18 @@ class MoE(nnx.Module):
                 renormalize=self.renormalize_gates,
                 valid=valid,
             )
-        # Dropless in fixed-size slots (one-hot dispatch, or an all-to-all): a token picks
-        # each expert at most once, so C = S can never overflow.
+        # Without a factor, C = S slots: a token picks each expert at most once, so token
+        # choice never overflows (dropless in fixed-size slots: one-hot dispatch, or an
+        # all-to-all), and for expert choice every expert sees every token, the exact
+        # dense-gated limit.
+        group_size = probs.shape[1]
         capacity = (
             group_size
             if factor is None
             else plan.capacity(factor, group_size, self.top_k, self.num_experts)
         )
+        if self.kind.choice == "experts":
+            return plan.expert_choice(probs, capacity, valid)
         return plan.token_choice(
             probs,
             self.top_k,
