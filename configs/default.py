@@ -4,7 +4,8 @@ Default: the embedded task mixture, a small task-aware MoE transformer, 8 CPU de
 (`make train` runs exactly the command above). Variants through the `:arg` string:
     --config=configs/default.py:routing=tokens        # tokens|experts|task|task_tokens|per_task
     --config=configs/default.py:mod_squad             # + MoA in even blocks, per-task routers,
-                                                      #   mutual-information loss
+                                                      #   mutual-information loss,
+                                                      #   uncertainty task weighting
     --config=configs/default.py:dropless              # no capacity limit, train and eval
 and any field through --config.<key>=<value>, e.g. --config.num_train_steps=200.
 
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None):
         c.aux_loss.load_balance = 0.0
         c.aux_loss.router_z = 0.0
         c.aux_loss.mutual_info = 0.005
+        c.task_weighting = "uncertainty"  # learned per-task loss scales, as Mod-Squad
     if args.dropless:
         c.model.moe.capacity_factor = None
         c.model.moe.eval_capacity_factor = None

@@ -34,10 +34,10 @@ def test_moa_equals_loop_reference(routing, causal, inputs):
 def test_moa_gradients_and_errors(inputs):
     x, task_ids, mask = inputs
     layer = mtm.MoA(8, 5, 2, 4, routing="task", num_tasks=2, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer, nnx.Param)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     def loss(params):
-        y, aux = nnx.merge(graphdef, params)(x, task_ids, mask=mask)
+        y, aux = nnx.merge(graphdef, params, rest)(x, task_ids, mask=mask)
         return jnp.mean(y**2) + aux["mutual_info_loss"]
 
     grads = jax.grad(loss)(params)

@@ -81,8 +81,8 @@ def test_multimodal_stem_picks_each_examples_modality():
     )
     inputs, _, task_ids = make_batch()
     out = np.asarray(stem(inputs, task_ids))
-    image = np.asarray(stem.stems[0](inputs))
-    tabular = np.asarray(stem.stems[1](inputs))
+    image = np.asarray(stem.stems["image"](inputs))
+    tabular = np.asarray(stem.stems["tabular"](inputs))
     for b, t in enumerate(np.asarray(task_ids)):
         np.testing.assert_array_equal(out[b], image[b] if MODALITIES[t] == "image" else tabular[b])
 

@@ -155,12 +155,12 @@ def test_router_noise_only_in_training(inputs):
 def test_gradients_reach_router_and_used_experts(routing, inputs):
     x, task_ids = inputs
     layer = make(routing, capacity_factor=1.0)
-    graphdef, params = nnx.split(layer, nnx.Param)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     @jax.jit
     def loss_and_grads(params):
         def loss(params):
-            y, aux = nnx.merge(graphdef, params)(x, task_ids)
+            y, aux = nnx.merge(graphdef, params, rest)(x, task_ids)
             return jnp.mean(jnp.square(y)) + 0.01 * aux["mutual_info_loss"], aux
 
         return jax.grad(loss, has_aux=True)(params)
@@ -239,10 +239,10 @@ def test_dispatch_kinds_have_equal_gradients(capacity_factor, inputs):
         layer = make(
             "task_tokens", capacity_factor=capacity_factor, dispatch=kind, dropless_block_size=4
         )
-        graphdef, params = nnx.split(layer, nnx.Param)
+        graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
-        def loss(params, x, graphdef=graphdef):
-            y, aux = nnx.merge(graphdef, params)(x, task_ids)
+        def loss(params, x, graphdef=graphdef, rest=rest):
+            y, aux = nnx.merge(graphdef, params, rest)(x, task_ids)
             return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"]
 
         grads[kind] = jax.grad(loss, argnums=(0, 1))(params, x)

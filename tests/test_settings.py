@@ -20,7 +20,7 @@ TASKS, MODALITIES, TOKENS = [3, 4], ["tabular", "image"], (6, 4)
 # Field -> (a value other than the base config's, how to read it back from the layer).
 MOE_FIELDS = {
     "d_hidden": (24, lambda moe: moe.experts.w_in.shape[-1]),
-    "num_experts": (4, lambda moe: moe.experts.num_experts),
+    "num_experts": (4, lambda moe: moe.router_width),
     "top_k": (1, lambda moe: moe.top_k),
     "routing": ("per_task", lambda moe: moe.router.routing),
     "capacity_factor": (1.5, lambda moe: moe.capacity_factor),
@@ -35,9 +35,12 @@ MOE_FIELDS = {
     "dropless_block_size": (64, lambda moe: moe.dropless_block_size),
     "max_batched_hidden_bytes": (1234, lambda moe: moe.experts.max_batched_hidden_bytes),
     "activation": ("relu", lambda moe: moe.experts.activation),
+    "usage_ema_decay": (0.5, lambda moe: moe.usage_ema_decay),
+    "kept_experts": ((0, 1, 3), lambda moe: moe.kept_experts),
+    "replicate_indivisible_experts": (True, lambda moe: moe.replicate_indivisible_experts),
 }
 MOA_FIELDS = {
-    "num_experts": (4, lambda moa: moa.num_experts),
+    "num_experts": (4, lambda moa: moa.router_width),
     "top_k": (1, lambda moa: moa.top_k),
     "head_dim": (8, lambda moa: moa.w_query.shape[-1]),
     "routing": ("per_task", lambda moa: moa.router.routing),
@@ -45,6 +48,9 @@ MOA_FIELDS = {
     "renormalize_gates": (True, lambda moa: moa.renormalize_gates),
     "router_noise": (0.25, lambda moa: moa.router.noise_std),
     "router_init": ("zeros", lambda moa: moa.router.init),
+    "usage_ema_decay": (0.5, lambda moa: moa.usage_ema_decay),
+    "kept_experts": ((1, 2), lambda moa: moa.kept_experts),
+    "replicate_indivisible_experts": (True, lambda moa: moa.replicate_indivisible_experts),
 }
 
 

@@ -102,7 +102,9 @@ def restore_latest(workdir, experiment):
         step = checkpoints.latest_step()
         state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
         checkpoints.close()
-    return step, progress, jax.tree.leaves(jax.device_get(state["params"]))
+    # Parameters and model state: the usage statistics must resume exactly too.
+    kept = {"params": state["params"], "model_state": state["model_state"]}
+    return step, progress, jax.tree.leaves(jax.device_get(kept))
 
 
 def test_loss_goes_down_on_every_task(reference):
@@ -130,6 +132,7 @@ def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
     assert sorted(os.listdir(workdir / "plots")) == [
         "learning_curves.png",
         "routing_block1_moe.png",
+        "usage_block1_moe.png",
     ]
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(HALF), str(2 * HALF)]
     record = train_records(workdir)[-1]
@@ -138,10 +141,13 @@ def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
         "train/aux/load_balance_loss",
         "train/dropped_fraction",
         "train/block1/moe/expert_load_max",
+        "train/block1/moe/iris/effective_experts",
         "steps_per_sec",
         "examples_per_sec",
     ):
         assert np.isfinite(record[key]), key
+    # exp(entropy) of a top-2 routing over 8 experts lies in [2, 8].
+    assert 2 - 1e-4 <= record["train/block1/moe/iris/effective_experts"] <= 8 + 1e-4
     evals = [r for r in read_history(str(workdir)) if "eval/iris/accuracy" in r]
     assert [r["step"] for r in evals] == [HALF, 2 * HALF]
     assert evals[-1]["eval/iris/accuracy"] == results["eval/iris/accuracy"]

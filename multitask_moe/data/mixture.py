@@ -103,6 +103,8 @@ class Mixture:
       shuffle_buffer: the largest per-task shuffle buffer (examples).
       cache_bytes: a task shard whose padded tokens fit in this many bytes is kept in
         memory after its first pass; a larger one is re-read from TFDS every epoch.
+      min_token_shape: (L, P) to pad to at least, e.g. the layout of the mixture a model
+        extracted for one of its tasks was trained on; (0, 0) = the tasks' own.
 
     Attributes:
       tasks: list[Task] in task-id order.
@@ -123,6 +125,7 @@ class Mixture:
         data_dir: str | None = None,
         shuffle_buffer: int = 16_384,
         cache_bytes: int = 1 << 30,
+        min_token_shape: tuple[int, int] = (0, 0),
     ):
         names, weights = _parse_weights(tasks)
         if rate not in rates_lib.RATE_KINDS:
@@ -142,9 +145,10 @@ class Mixture:
         self.rates = rates_lib.mixing_rates(
             weights, rate, num_examples=num_examples, cap=cap, temperature=temperature
         )
+        min_tokens, min_width = (_check_int("min_token_shape", n, 0) for n in min_token_shape)
         self.token_shape = (
-            max(task.num_tokens(image_size, patch_size) for task in self.tasks),
-            max(task.token_dim(image_size, patch_size) for task in self.tasks),
+            max(min_tokens, *(task.num_tokens(image_size, patch_size) for task in self.tasks)),
+            max(min_width, *(task.token_dim(image_size, patch_size) for task in self.tasks)),
         )
         self._examples_cache: dict[tuple[int, str, int, int], tuple[Any, int]] = {}
         self._eval_cache: dict[tuple[int, str, int, int, int, int], Any] = {}

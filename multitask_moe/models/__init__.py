@@ -9,8 +9,13 @@ logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
-from multitask_moe.models.model import INVALID_CLASS_LOGIT, MultitaskTransformer
+from multitask_moe.models.model import (
+    INVALID_CLASS_LOGIT,
+    MultitaskTransformer,
+    sparse_layer_path,
+)
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
+from multitask_moe.models.transplant import RowMap, axis_tags, transplant
 from multitask_moe.moe import MoASettings, MoESettings
 
 __all__ = [
@@ -22,5 +27,9 @@ __all__ = [
     "MoESettings",
     "MultiModalStem",
     "MultitaskTransformer",
+    "RowMap",
+    "axis_tags",
     "model_from_config",
+    "sparse_layer_path",
+    "transplant",
 ]

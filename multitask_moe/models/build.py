@@ -59,9 +59,16 @@ def model_from_config(
     token_shape: tuple[int, int],
     rngs: nnx.Rngs,
     group_size: int | None = None,
+    task_uncertainty: bool = False,
 ) -> MultitaskTransformer:
     """The model described by `model_config` (a ConfigDict or a plain mapping);
-    group_size: the MoE routing group where model.moe.group_size is None."""
+    group_size: the MoE routing group where model.moe.group_size is None;
+    task_uncertainty: learned per-task loss scales (config.task_weighting="uncertainty").
+
+    model_config["layers"] (optional): {"block<i>/moe" | "block<i>/moa": {setting: value}}
+    overrides of single sparse layers (an extracted model's per-layer expert counts).
+    """
+    layers = {name: dict(values.items()) for name, values in model_config.get("layers", {}).items()}
     return MultitaskTransformer(
         task_num_classes=task_num_classes,
         task_modalities=task_modalities,
@@ -74,6 +81,8 @@ def model_from_config(
         moa=moa_settings(model_config),
         moe_every=model_config["moe_every"],
         moa_every=model_config["moa_every"],
+        layers=layers,
+        task_uncertainty=task_uncertainty,
         dtype=dtype_from_name(model_config["dtype"]),
         param_dtype=dtype_from_name(model_config["param_dtype"]),
         rngs=rngs,

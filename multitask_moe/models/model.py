@@ -15,7 +15,7 @@ number of classes over the tasks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.stems import MultiModalStem
 from multitask_moe.models.tables import lookup, take_rows
-from multitask_moe.moe import MoASettings, MoESettings
+from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
 
 # Logit given to the classes a task does not have: finite (no inf - inf = NaN in the
 # softmax of a float32 row) and far below any real logit, so exp() underflows to 0.
@@ -40,6 +40,15 @@ def placement(depth: int, every: int, offset: int) -> tuple[int, ...]:
     return tuple(i for i in range(depth) if i % every == offset % every)
 
 
+def sparse_layer_path(name: str) -> tuple[str | int, ...]:
+    """ "block<i>/moe" | "block<i>/moa" -> the layer's path in the model's state."""
+    block, kind = name.split("/")
+    index = int(block.removeprefix("block"))
+    return (
+        ("blocks", index, "mlp", "moe") if kind == "moe" else ("blocks", index, "attention", "moa")
+    )
+
+
 class MultitaskTransformer(nnx.Module):
     """Multitask transformer with optional MoE MLPs and MoA attention.
 
@@ -51,8 +60,18 @@ class MultitaskTransformer(nnx.Module):
         1 = all, 0 = none).
       moa_every: MoA attention in blocks i with i % moa_every == 0 (2 = even blocks, as in
         Mod-Squad together with moe_every=2; 0 = none).
+      layers: settings of single sparse layers over `moe` / `moa`, by layer name:
+        {"block1/moe": {"num_experts": 3}, ...} (an extracted model keeps a different
+        number of experts in each layer).
+      task_uncertainty: learn one loss scale s_t per task (`task_loss_scale` [T], init 1)
+        for uncertainty task weighting (train/step.py).
       dtype: activation dtype (float32 or bfloat16); heads and the loss stay float32.
       param_dtype: parameter dtype.
+
+    Every task-indexed parameter and statistic tags its task axis (`task_axis` metadata;
+    `class_axis` on the heads, `expert_axis` / `route_axis` in the sparse layers), so
+    models with other tasks or other experts can be made from this one by name
+    (multitask_moe.lifecycle).
     """
 
     def __init__(
@@ -69,6 +88,8 @@ class MultitaskTransformer(nnx.Module):
         moa: MoASettings | None = None,
         moe_every: int = 0,
         moa_every: int = 0,
+        layers: Mapping[str, Mapping] | None = None,
+        task_uncertainty: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -99,12 +120,23 @@ class MultitaskTransformer(nnx.Module):
         self.stem = MultiModalStem(
             task_modalities, token_shape, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
+        layers = dict(layers or {})
+        unknown = sorted(set(layers) - set(self.sparse_layer_names()))
+        if unknown:
+            raise ValueError(
+                f"layers names {unknown}, which are not sparse layers of this model; "
+                f"allowed: {self.sparse_layer_names()}"
+            )
+
+        def settings_of(name, settings):
+            return settings.updated(layers[name]) if name in layers else settings
+
         self.position_embedding = nnx.Param(
             init(rngs.params(), (num_tokens, d_model), param_dtype)
         )  # [L, D]
         # One learned vector per task, added to every token before every block (Mod-Squad).
         self.task_embedding = nnx.Param(
-            init(rngs.params(), (num_tasks, d_model), param_dtype)
+            init(rngs.params(), (num_tasks, d_model), param_dtype), task_axis=0
         )  # [T, D]
         self.blocks = nnx.List(
             [
@@ -113,8 +145,8 @@ class MultitaskTransformer(nnx.Module):
                     num_heads,
                     mlp_dim,
                     num_tasks,
-                    moe=moe if i in self.moe_blocks else None,
-                    moa=moa if i in self.moa_blocks else None,
+                    moe=settings_of(f"block{i}/moe", moe) if i in self.moe_blocks else None,
+                    moa=settings_of(f"block{i}/moa", moa) if i in self.moa_blocks else None,
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,
@@ -126,17 +158,50 @@ class MultitaskTransformer(nnx.Module):
         # Batched heads: task t reads head_kernel[t] [D, C]; zero-initialized so every task
         # starts at the uniform prediction over its own classes.
         self.head_kernel = nnx.Param(
-            jnp.zeros((num_tasks, d_model, self.max_classes), param_dtype)
+            jnp.zeros((num_tasks, d_model, self.max_classes), param_dtype),
+            task_axis=0,
+            class_axis=2,
         )  # [T, D, C]
-        self.head_bias = nnx.Param(jnp.zeros((num_tasks, self.max_classes), param_dtype))  # [T, C]
+        self.head_bias = nnx.Param(
+            jnp.zeros((num_tasks, self.max_classes), param_dtype), task_axis=0, class_axis=1
+        )  # [T, C]
+        # s_t of uncertainty weighting; 1-D, so it gets no weight decay (step.py).
+        self.task_loss_scale = (
+            nnx.Param(jnp.ones((num_tasks,), jnp.float32), task_axis=0)
+            if task_uncertainty
+            else nnx.data(None)
+        )  # [T]
 
     def sparse_layer_names(self) -> list[str]:
         """Names of the aux entries this model returns, in block order."""
         names = []
-        for i in range(len(self.blocks)):
+        for i in sorted(set(self.moa_blocks) | set(self.moe_blocks)):
             names += [f"block{i}/moa"] if i in self.moa_blocks else []
             names += [f"block{i}/moe"] if i in self.moe_blocks else []
         return names
+
+    def sparse_layers(self) -> dict[str, MoE | MoA]:
+        """{"block<i>/moe" | "block<i>/moa": the layer}, in block order."""
+        return {name: self.sparse_layer(name) for name in self.sparse_layer_names()}
+
+    def sparse_layer(self, name: str) -> MoE | MoA:
+        node = self
+        for key in sparse_layer_path(name):
+            node = node[key] if isinstance(key, int) else getattr(node, key)
+        return node
+
+    def usage_tables(self) -> dict[str, jax.Array]:
+        """{layer name: usage EMA [T, E]} of every sparse layer that keeps one."""
+        return {
+            name: layer.usage[...]
+            for name, layer in self.sparse_layers().items()
+            if layer.usage is not None
+        }
+
+    def record_usage(self, aux: Mapping[str, Mapping[str, jax.Array]]) -> None:
+        """One training step of every sparse layer's usage EMA, from the aux of a forward."""
+        for name, layer in self.sparse_layers().items():
+            layer.record_usage(aux[name])
 
     def __call__(
         self,

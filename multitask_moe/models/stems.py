@@ -84,19 +84,22 @@ class MultiModalStem(nnx.Module):
         self.modalities = tuple(m for m in MODALITIES if m in task_modalities)
         # [T] index into self.modalities: a static tuple (part of the graph, not the state).
         self.task_modality = tuple(self.modalities.index(m) for m in task_modalities)
-        self.stems = nnx.List(
-            [
-                ImageStem(patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Keyed by modality name, so a model with other tasks finds its stems by name.
+        self.stems = nnx.Dict(
+            {
+                modality: ImageStem(
+                    patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
                 if modality == "image"
                 else TabularStem(
                     num_tokens, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
                 )
                 for modality in self.modalities
-            ]
+            }
         )
 
     def __call__(self, inputs: jax.Array, task_ids: jax.Array) -> jax.Array:
-        outputs = [stem(inputs) for stem in self.stems]  # each [B, L, D]
+        outputs = [self.stems[modality](inputs) for modality in self.modalities]  # [B, L, D]
         if len(outputs) == 1:
             return outputs[0]
         modality = lookup(self.task_modality, task_ids)  # [B]

@@ -24,8 +24,9 @@ from flax import nnx
 
 from multitask_moe.moe import checks, losses, plan
 from multitask_moe.moe import dispatch as dispatch_lib
-from multitask_moe.moe.routing import Router, routing_kind
+from multitask_moe.moe.routing import Router, held_columns, routing_kind
 from multitask_moe.moe.settings import settings_class
+from multitask_moe.moe.usage import TracksUsage, check_decay, usage_table
 from multitask_moe.parallel import expert_parallel
 from multitask_moe.parallel.expert_parallel import Exchange
 from multitask_moe.parallel.sharding import expert_param
@@ -34,7 +35,7 @@ from multitask_moe.parallel.sharding import expert_param
 EXPERT_PARAMS = frozenset({("w_query",), ("w_out",)})
 
 
-class MoA(nnx.Module):
+class MoA(nnx.Module, TracksUsage):
     """y, aux = MoA(...)(x [B, L, D], task_ids [B] | None, mask [B, L] | None).
 
     Args beyond d_model, num_tasks, dtypes and rngs:
@@ -45,6 +46,7 @@ class MoA(nnx.Module):
       renormalize_gates: make the K gates of a token sum to 1 (off in Mod-Squad).
       router_noise: std of Gaussian noise on the logits in training (rng stream "router").
       router_init: "normal" or "zeros" (Mod-Squad zero-initializes its routers).
+      usage_ema_decay, kept_experts, replicate_indivisible_experts: as for the MoE layer.
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
     """
 
@@ -61,6 +63,9 @@ class MoA(nnx.Module):
         renormalize_gates: bool = False,
         router_noise: float = 0.0,
         router_init: str = "normal",
+        usage_ema_decay: float = 0.95,
+        kept_experts: tuple[int, ...] | None = None,
+        replicate_indivisible_experts: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -75,6 +80,13 @@ class MoA(nnx.Module):
             )
         checks.top_k(top_k, num_experts)
         checks.num_tasks(num_tasks, routing)
+        check_decay(usage_ema_decay)
+        kept_experts = checks.kept_experts(kept_experts, num_experts, top_k)
+        # num_experts: the experts held here; the router has router_width outputs.
+        self.kept_experts, self.router_width = kept_experts, num_experts
+        num_experts = num_experts if kept_experts is None else len(kept_experts)
+        self.replicate_indivisible_experts = replicate_indivisible_experts
+        self.usage_ema_decay = usage_ema_decay
         self.d_model, self.num_experts = d_model, num_experts
         self.top_k, self.head_dim = top_k, head_dim
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks
@@ -82,7 +94,7 @@ class MoA(nnx.Module):
         self.dtype, self.deterministic = dtype, deterministic
         self.router = Router(
             d_model,
-            num_experts,
+            self.router_width,
             routing,
             num_tasks=num_tasks,
             init=router_init,
@@ -93,15 +105,25 @@ class MoA(nnx.Module):
             1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
         # Sharded over the mesh's 'expert' axis from creation when built under jax.set_mesh.
+        replicate = replicate_indivisible_experts
         self.w_query = expert_param(
-            fan_in, rngs.params(), (num_experts, d_model, head_dim), param_dtype
+            fan_in,
+            rngs.params(),
+            (num_experts, d_model, head_dim),
+            param_dtype,
+            replicate_indivisible=replicate,
         )
         self.w_out = expert_param(
-            fan_in, rngs.params(), (num_experts, head_dim, d_model), param_dtype
+            fan_in,
+            rngs.params(),
+            (num_experts, head_dim, d_model),
+            param_dtype,
+            replicate_indivisible=replicate,
         )
         self.w_kv = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, 2 * head_dim), param_dtype)
         )
+        self.usage = usage_table(num_tasks, num_experts)
 
     def __call__(
         self,
@@ -129,6 +151,7 @@ class MoA(nnx.Module):
             lambda layer, inputs, exchange: layer.forward(inputs, exchange),
             EXPERT_PARAMS,
             inputs,
+            replicate_indivisible=self.replicate_indivisible_experts,
         )
 
     def forward(
@@ -141,14 +164,18 @@ class MoA(nnx.Module):
         batch, length, _ = x.shape
         token_tasks = None if "task_ids" not in inputs else jnp.repeat(inputs["task_ids"], length)
         group_tasks = None if token_tasks is None else token_tasks.reshape(batch, length)
-        logits = self.router(x, group_tasks, noise=inputs.get("noise"))  # [B, L, E] f32
+        logits = self.router(x, group_tasks, noise=inputs.get("noise"))  # [B, L, width] f32
         probs = jax.nn.softmax(logits, axis=-1)
+        logits, probs = held_columns(self.kept_experts, logits, probs)  # [B, L, E]
         # One routing group per sequence with C = L slots per expert: MoA has no capacity,
         # and no slot overflows since a token picks each expert at most once. (Per-sequence
         # groups keep the plan's position counting short; one group of all N tokens would
         # make it O(N^2) where XLA lowers the cumulative sum as a window reduction.)
+        # Padding is not routed: it chooses no expert and enters no statistic (its output,
+        # 0, is read by nothing: padding keys are masked and pooling skips padding).
+        mask = inputs.get("mask")
         routing_plan = plan.token_choice(
-            probs, self.top_k, length, renormalize=self.renormalize_gates
+            probs, self.top_k, length, renormalize=self.renormalize_gates, valid=mask
         )
 
         x_c = x.astype(self.dtype)
@@ -156,7 +183,7 @@ class MoA(nnx.Module):
         query_rows = self.project(rows, self.w_query, exchange)  # [B, E * C, H]
         queries = dispatch_lib.rows_to_choices(query_rows, routing_plan)  # [B, K, L, H]
         keys, values = jnp.split(x_c @ self.w_kv[...].astype(self.dtype), 2, axis=-1)  # [B, M, H]
-        allowed = self.allowed(inputs.get("mask"), batch, length)  # [B, L, M]
+        allowed = self.allowed(mask, batch, length)  # [B, L, M]
         heads = attend(
             queries.transpose(0, 2, 1, 3), keys, values, allowed, self.head_dim, self.dtype
         )  # [B, L, K, H]
@@ -167,7 +194,13 @@ class MoA(nnx.Module):
         flat = lambda a: a.reshape(batch * length, -1)  # [N, E]
         chosen = flat(routing_plan.chosen)
         stats = losses.router_stats(
-            flat(logits), flat(probs), chosen, chosen, token_tasks, self.num_tasks
+            flat(logits),
+            flat(probs),
+            chosen,
+            chosen,
+            token_tasks,
+            self.num_tasks,
+            None if mask is None else mask.reshape(-1),
         )
         aux = losses.aux_from_stats(exchange.total(stats), choice="tokens")
         return y.astype(self.dtype), aux

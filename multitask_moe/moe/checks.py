@@ -98,3 +98,22 @@ def task_ids(
 def capacity_factor(name: str, value) -> None:
     if value is not None and not (isinstance(value, int | float) and value > 0):
         raise ValueError(f"{name}={value!r} must be > 0, or None for dropless")
+
+
+def kept_experts(value, num_experts: int, top_k: int) -> tuple[int, ...] | None:
+    """kept_experts: None (all), or distinct router columns in [0, num_experts), at least
+    top_k of them, in increasing order -> a tuple (static: part of the layer's graph)."""
+    if value is None:
+        return None
+    kept = tuple(int(e) for e in value)
+    if (
+        any(isinstance(e, bool) for e in value)
+        or list(kept) != sorted(set(kept))
+        or not all(0 <= e < num_experts for e in kept)
+        or len(kept) < top_k
+    ):
+        raise ValueError(
+            f"kept_experts={list(value)!r} must be at least top_k={top_k} distinct increasing "
+            f"ints in [0, num_experts={num_experts})"
+        )
+    return kept

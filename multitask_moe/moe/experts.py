@@ -5,6 +5,7 @@ Shapes: E experts, D d_model, H d_hidden, G groups, C capacity, B rows per block
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,10 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def _replicated_param(init, *args) -> nnx.Param:
+    return nnx.Param(init(*args))
+
+
 # Default: hidden activations up to this size (a typical L2 cache) run as one batched einsum.
 BATCHED_HIDDEN_BYTES = 2 << 20
 
@@ -45,6 +50,7 @@ class Experts(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         sharded: bool = True,
+        replicate_indivisible: bool = False,
         rngs: nnx.Rngs,
     ):
         self.activation = activation
@@ -57,7 +63,12 @@ class Experts(nnx.Module):
         )
         # Routed experts are sharded over the mesh's 'expert' axis from creation when built
         # under jax.set_mesh; shared experts (sharded=False) serve every token: replicated.
-        make = expert_param if sharded else (lambda init, *args: nnx.Param(init(*args)))
+        # replicate_indivisible: replicated where E does not divide the 'expert' axis.
+        make = (
+            functools.partial(expert_param, replicate_indivisible=replicate_indivisible)
+            if sharded
+            else _replicated_param
+        )
         self.w_in = make(init, rngs.params(), (num_experts, d_model, d_hidden), param_dtype)
         self.w_out = make(init, rngs.params(), (num_experts, d_hidden, d_model), param_dtype)
 
@@ -82,7 +93,8 @@ class Experts(nnx.Module):
             * self.w_in.shape[-1]
             * jnp.dtype(self.dtype).itemsize
         )
-        if hidden_bytes <= self.max_batched_hidden_bytes:
+        # A symbolic batch size (jax.export) takes the einsum: tiles need static sizes.
+        if not isinstance(hidden_bytes, int) or hidden_bytes <= self.max_batched_hidden_bytes:
             return self.batched(slots)
         rows = slots.transpose(1, 0, 2, 3).reshape(-1, d_model)  # [E * G * C, D] expert-major
         run = num_groups * capacity

@@ -21,8 +21,9 @@ from flax import nnx
 from multitask_moe.moe import checks, losses, plan
 from multitask_moe.moe import dispatch as dispatch_lib
 from multitask_moe.moe.experts import BATCHED_HIDDEN_BYTES, Experts
-from multitask_moe.moe.routing import Router, routing_kind
+from multitask_moe.moe.routing import Router, held_columns, routing_kind
 from multitask_moe.moe.settings import settings_class
+from multitask_moe.moe.usage import TracksUsage, check_decay, usage_table
 from multitask_moe.parallel import expert_parallel
 from multitask_moe.parallel.expert_parallel import LOCAL, Exchange
 
@@ -31,7 +32,7 @@ SAME_AS_TRAIN = "same"
 EXPERT_PARAMS = frozenset({("experts", "w_in"), ("experts", "w_out")})
 
 
-class MoE(nnx.Module):
+class MoE(nnx.Module, TracksUsage):
     """Sparse MoE MLP with token, expert-choice or task-aware routing.
 
     Args beyond the contract:
@@ -49,6 +50,13 @@ class MoE(nnx.Module):
       max_batched_hidden_bytes: expert hidden activations up to this size run as one
         batched einsum, larger ones as a tiled grouped matmul (experts.py).
       activation: the experts' nonlinearity ("gelu", "relu", "silu").
+      usage_ema_decay: decay of the per-task usage EMA `usage` [T, E] (usage.py), which
+        the train step updates through `record_usage`.
+      kept_experts: the router columns whose experts this layer holds (None = all
+        num_experts). An extracted model that keeps a task's full router uses it: the
+        softmax runs over all num_experts logits and top-k picks among the kept columns.
+      replicate_indivisible_experts: on a mesh whose 'expert' axis does not divide the
+        held expert count, replicate the experts instead of raising.
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
     """
 
@@ -73,6 +81,9 @@ class MoE(nnx.Module):
         dropless_block_size: int = 256,
         max_batched_hidden_bytes: int = BATCHED_HIDDEN_BYTES,
         activation: str = "gelu",
+        usage_ema_decay: float = 0.95,
+        kept_experts: tuple[int, ...] | None = None,
+        replicate_indivisible_experts: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -103,7 +114,15 @@ class MoE(nnx.Module):
             raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0")
         if max_batched_hidden_bytes < 0:
             raise ValueError(f"max_batched_hidden_bytes={max_batched_hidden_bytes} must be >= 0")
+        check_decay(usage_ema_decay)
+        kept_experts = checks.kept_experts(kept_experts, num_experts, top_k)
 
+        # num_experts: the experts held here; the router has router_width outputs.
+        self.kept_experts = kept_experts
+        self.router_width = num_experts
+        num_experts = num_experts if kept_experts is None else len(kept_experts)
+        self.replicate_indivisible_experts = replicate_indivisible_experts
+        self.usage_ema_decay = usage_ema_decay
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks
         self.capacity_factor = capacity_factor
@@ -114,7 +133,7 @@ class MoE(nnx.Module):
         self.dtype, self.deterministic = dtype, deterministic
         self.router = Router(
             d_model,
-            num_experts,
+            self.router_width,
             routing,
             num_tasks=num_tasks,
             init=router_init,
@@ -129,8 +148,10 @@ class MoE(nnx.Module):
             max_batched_hidden_bytes=max_batched_hidden_bytes,
             dtype=dtype,
             param_dtype=param_dtype,
+            replicate_indivisible=replicate_indivisible_experts,
             rngs=rngs,
         )
+        self.usage = usage_table(num_tasks, num_experts)
         self.shared_experts = (
             Experts(
                 num_shared_experts,
@@ -174,6 +195,7 @@ class MoE(nnx.Module):
             lambda layer, inputs, exchange: layer.forward(inputs, exchange, deterministic),
             EXPERT_PARAMS,
             inputs,
+            replicate_indivisible=self.replicate_indivisible_experts,
         )
 
     def forward(
@@ -191,8 +213,9 @@ class MoE(nnx.Module):
         valid = inputs["mask"].reshape(groups.shape[:2]) if "mask" in inputs else None  # [G, S]
         noise = inputs["noise"].reshape(*groups.shape[:2], -1) if "noise" in inputs else None
 
-        logits = self.router(groups, group_tasks, noise=noise)  # [G, S, E] f32
+        logits = self.router(groups, group_tasks, noise=noise)  # [G, S, router_width] f32
         probs = jax.nn.softmax(logits, axis=-1)
+        logits, probs = held_columns(self.kept_experts, logits, probs)  # [G, S, E]
         routing_plan = self.make_plan(probs, deterministic, valid, ragged=exchange.ragged)
         y = self.move_tokens(groups.astype(self.dtype), routing_plan, exchange)  # [G, S, D]
 

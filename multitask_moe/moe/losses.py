@@ -46,6 +46,7 @@ def router_stats(
         task_one_hot = task_one_hot * weight[:, None]
         stats["task_prob_sum"] = task_one_hot.T @ probs  # [T, E]: S[t, e] of Mod-Squad
         stats["task_kept_count"] = task_one_hot.T @ kept  # [T, E]
+        stats["task_chosen_count"] = task_one_hot.T @ chosen  # [T, E]: before capacity
     return stats
 
 
@@ -98,4 +99,5 @@ def aux_from_stats(stats: dict[str, jax.Array], *, choice: str) -> dict[str, jax
     if "task_prob_sum" in stats:
         aux["mutual_info_loss"] = mutual_info_loss(stats["task_prob_sum"])
         aux["task_expert_counts"] = stats["task_kept_count"]
+        aux["task_chosen_counts"] = stats["task_chosen_count"]
     return aux

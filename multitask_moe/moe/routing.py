@@ -83,11 +83,16 @@ class Router(nnx.Module):
             if init == "zeros"
             else nnx.initializers.normal(stddev=init_scale)
         )
+        # Axis tags (moe.tables): task rows and router columns, for growing and slicing.
         if self.kind.token_term == "shared":
-            self.kernel = nnx.Param(make(rngs.params(), (d_model, num_experts), jnp.float32))
+            self.kernel = nnx.Param(
+                make(rngs.params(), (d_model, num_experts), jnp.float32), route_axis=1
+            )
         elif self.kind.token_term == "per_task":
             self.kernel = nnx.Param(
-                make(rngs.params(), (num_tasks, d_model, num_experts), jnp.float32)
+                make(rngs.params(), (num_tasks, d_model, num_experts), jnp.float32),
+                task_axis=0,
+                route_axis=2,
             )
         if self.kind.task_term:
             # A zero table would give every task the same experts at step 0 (exact ties in
@@ -95,7 +100,9 @@ class Router(nnx.Module):
             self.task_logits = nnx.Param(
                 nnx.initializers.normal(stddev=max(init_scale, 1e-2))(
                     rngs.params(), (num_tasks, num_experts), jnp.float32
-                )
+                ),
+                task_axis=0,
+                route_axis=1,
             )
         self.noise_rngs = rngs["router"].fork() if noise_std > 0 else nnx.data(None)
 
@@ -149,3 +156,17 @@ def take_along_tasks(per_task: jax.Array, task_ids: jax.Array) -> jax.Array:
         per_task, jnp.clip(task_ids, 0, num_tasks - 1)[:, :, None, None], axis=2
     )[:, :, 0]
     return jnp.where(in_range[..., None], picked, jnp.nan)
+
+
+def held_columns(
+    kept: tuple[int, ...] | None, logits: jax.Array, probs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The router columns of the held experts: logits, probs [..., router_width] -> [..., E].
+
+    The gates stay those of the full softmax, so top-k over the kept columns reproduces
+    the full layer for every token whose top-k lies inside them.
+    """
+    if kept is None:
+        return logits, probs
+    columns = jnp.asarray(kept, jnp.int32)
+    return jnp.take(logits, columns, axis=-1), jnp.take(probs, columns, axis=-1)

@@ -42,6 +42,7 @@ def settings_class(layer: type) -> type:
     namespace = {
         "from_mapping": classmethod(_from_mapping),
         "layer_kwargs": _layer_kwargs,
+        "updated": _updated,
         "__doc__": f"The options of `{layer.__name__}` (its constructor's keyword arguments "
         "except the ones the model supplies), with the layer's defaults.",
         "__module__": layer.__module__,
@@ -76,3 +77,8 @@ def _from_mapping(cls, values: Mapping[str, Any]):
 def _layer_kwargs(self) -> dict[str, Any]:
     """The layer's keyword arguments (every field, by name)."""
     return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+def _updated(self, values: Mapping[str, Any]):
+    """These settings with the fields in `values` replaced (checked like from_mapping)."""
+    return type(self).from_mapping({**self.layer_kwargs(), **dict(values.items())})

@@ -43,10 +43,9 @@ from multitask_moe.parallel.mesh import (
     EXPERT_AXIS,
     batch_axes,
     check_batch_divisible,
-    check_experts_divisible,
     expert_axis_size,
 )
-from multitask_moe.parallel.sharding import place
+from multitask_moe.parallel.sharding import place, shards_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +103,17 @@ def run(
     forward: Forward,
     expert_params: frozenset[tuple[str, ...]],
     inputs: Mapping[str, jax.Array | None],
+    *,
+    replicate_indivisible: bool = False,
 ) -> tuple[jax.Array, dict]:
     """forward(layer, inputs, exchange) on one device, or expert-parallel on the mesh.
 
     expert_params: paths inside the layer of its per-expert [E, ...] parameters.
     inputs: batch-major arrays (None entries are left out); y comes back batch-major and
     aux replicated (the forward must pass its statistics through exchange.total).
+    replicate_indivisible: experts whose count does not divide the 'expert' axis are
+      replicated (every device runs all of them on its own tokens; no all-to-all)
+      instead of raising.
     Raises ValueError when the experts or the batch do not split over the mesh.
     """
     inputs = {name: value for name, value in inputs.items() if value is not None}
@@ -124,15 +128,15 @@ def run(
             f"{type(layer).__name__} has no parameters at {sorted(expert_params)}; "
             "cannot place its experts on the mesh"
         )
-    check_experts_divisible(shapes[0][0], mesh)
+    sharded = shards_experts(shapes[0][0], mesh, replicate_indivisible=replicate_indivisible)
     check_batch_divisible(next(iter(inputs.values())).shape[0], mesh)
     axes = batch_axes(mesh)
     batch_spec = PartitionSpec(axes or None)
-    expert_spec = PartitionSpec(EXPERT_AXIS if EXPERT_AXIS in mesh.axis_names else None)
+    expert_spec = PartitionSpec(EXPERT_AXIS if sharded else None)
     experts = jax.tree.map(lambda v: place(v, expert_spec), experts)
     rest = jax.tree.map(lambda v: place(v, PartitionSpec()), rest)
     inputs = {name: place(value, batch_spec) for name, value in inputs.items()}
-    exchange = Exchange(expert_axis_size(mesh), axes)
+    exchange = Exchange(expert_axis_size(mesh) if sharded else 1, axes)
 
     def body(experts, rest, inputs):
         return forward(nnx.merge(graphdef, experts, rest), inputs, exchange)

@@ -22,20 +22,41 @@ def expert_spec(ndim: int) -> PartitionSpec:
     return PartitionSpec(EXPERT_AXIS, *([None] * (ndim - 1)))
 
 
+def shards_experts(num_experts: int, mesh, *, replicate_indivisible: bool = False) -> bool:
+    """Whether `num_experts` are split over the 'expert' axis of `mesh` (None: no mesh).
+
+    False without a mesh, without an 'expert' axis, or when E does not divide over it and
+    replicate_indivisible allows replication; a ValueError naming both sizes when it does
+    not divide and replication is not allowed.
+    """
+    if mesh is None or EXPERT_AXIS not in mesh.axis_names or mesh.manual_axes:
+        return False
+    if replicate_indivisible and num_experts % mesh.shape[EXPERT_AXIS]:
+        return False
+    check_experts_divisible(num_experts, mesh)
+    return True
+
+
 def expert_param(
-    init: Callable[..., jax.Array], key: jax.Array, shape: tuple[int, ...], dtype
+    init: Callable[..., jax.Array],
+    key: jax.Array,
+    shape: tuple[int, ...],
+    dtype,
+    *,
+    replicate_indivisible: bool = False,
 ) -> nnx.Param:
     """A per-expert parameter of `shape` [E, ...], sharded over 'expert' under a mesh.
 
     Outside a mesh, or under a mesh with no 'expert' axis, a plain parameter. Under one,
-    raises ValueError unless E is a multiple of the 'expert' axis size. The sharding is
-    also recorded as the Variable's `out_sharding` metadata, so nnx.get_partition_spec
-    gives the training code the right specs for jit, optimizer state and checkpoints.
+    raises ValueError unless E is a multiple of the 'expert' axis size, or replicates the
+    parameter when replicate_indivisible is set (a model extracted with an expert count of
+    its own). The sharding is also recorded as the Variable's `out_sharding` metadata, so
+    nnx.get_partition_spec gives the training code the right specs for jit, optimizer
+    state and checkpoints. The leading axis is tagged `expert_axis=0` (moe.tables).
     """
     mesh = current_mesh()
-    if mesh is None or EXPERT_AXIS not in mesh.axis_names or mesh.manual_axes:
-        return nnx.Param(init(key, shape, dtype))
-    check_experts_divisible(shape[0], mesh)
+    if not shards_experts(shape[0], mesh, replicate_indivisible=replicate_indivisible):
+        return nnx.Param(init(key, shape, dtype), expert_axis=0)
     spec = expert_spec(len(shape))
     if mesh.are_all_axes_explicit:
         value = init(key, shape, dtype, out_sharding=spec)
@@ -48,7 +69,7 @@ def expert_param(
             )
         except ValueError:  # get_mesh() inside jit: only the abstract mesh exists
             value = jax.lax.with_sharding_constraint(init(key, shape, dtype), spec)
-    return nnx.Param(value, out_sharding=spec)
+    return nnx.Param(value, out_sharding=spec, expert_axis=0)
 
 
 def place(value: jax.Array, spec: PartitionSpec) -> jax.Array:

@@ -38,7 +38,7 @@ def settings_section(settings: type, **values) -> ml_collections.ConfigDict:
         if len(kinds) > 1:
             section[field.name] = config_dict.FieldReference(value, field_type=object)
         elif kinds:  # T | None
-            reference = config_dict.placeholder(kinds[0])
+            reference = config_dict.placeholder(typing.get_origin(kinds[0]) or kinds[0])
             reference.set(value)
             section[field.name] = reference
         else:
@@ -68,10 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 8
     c.data.patch_size = 2
     c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default.
+    # Pad examples to at least this many tokens / features per token (0: the tasks' own);
+    # an extracted model keeps the input layout of the mixture it was trained in.
+    c.data.min_tokens = 0
+    c.data.min_token_width = 0
     c.data.eval_split = "validation"  # periodic and final evaluation
     c.data.test_split = "test"  # evaluated once at the end; "" = skip
 
     c.task_weights = ""  # "name=weight" loss weights; unnamed tasks weigh 1.
+    # "fixed": the mean over the batch's tasks of task_weight * loss; "uncertainty": each
+    # task's loss scaled by a learned 0.5 / s_t^2, plus log(1 + s_t^2) (docs/methods.md).
+    c.task_weighting = "fixed"
     c.batch_size = 64  # global, over all processes and devices
     c.eval_batch_size = 128
     c.num_train_steps = 1000
@@ -112,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
     # routing group per device's share of a batch (setup.routing_group_size).
     c.model.moe = settings_section(MoESettings, num_experts=8, top_k=2, d_hidden=0)
     c.model.moa = settings_section(MoASettings, num_experts=8, top_k=2, head_dim=16)
+    # Settings of single sparse layers over the two sections above, by layer name, e.g.
+    # {"block1/moe": {"num_experts": 3}}: what an extracted model writes (extract.py).
+    c.model.layers = ml_collections.ConfigDict()
 
     c.progress_bar = True
     c.write_plots = True

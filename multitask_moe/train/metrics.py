@@ -57,6 +57,14 @@ class TrainMeter:
         for key, value in mean.items():
             if key.startswith("aux/"):
                 out[f"train/{key}"] = value
+        for index, name in enumerate(self.task_names):
+            if "task_loss_scale" in mean:
+                out[f"train/{name}/loss_scale"] = mean["task_loss_scale"][index]
+            for layer in self.sparse_layers:
+                if f"{layer}/effective_experts" in mean:
+                    out[f"train/{layer}/{name}/effective_experts"] = mean[
+                        f"{layer}/effective_experts"
+                    ][index]
         dropped = []
         for layer in self.sparse_layers:
             out[f"train/{layer}/dropped_fraction"] = mean[f"{layer}/dropped_fraction"]

@@ -43,8 +43,15 @@ def learning_curves(history: Sequence[Mapping], task_names: Sequence[str], path:
     return _save(fig, path)
 
 
-def routing_heatmap(counts: np.ndarray, task_names: Sequence[str], layer: str, path: str) -> str:
-    """Task x expert share of routed tokens of one sparse layer (rows sum to 1)."""
+def routing_heatmap(
+    counts: np.ndarray,
+    task_names: Sequence[str],
+    layer: str,
+    path: str,
+    what: str = "share of each task's tokens per expert",
+) -> str:
+    """Task x expert shares of one sparse layer (rows sum to 1): routed tokens of an
+    evaluation, or the training usage EMA (`what` says which in the title)."""
     counts = np.asarray(counts, np.float64)  # [T, E]
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
     num_tasks, num_experts = shares.shape
@@ -52,7 +59,7 @@ def routing_heatmap(counts: np.ndarray, task_names: Sequence[str], layer: str, p
     image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(num_tasks), labels=list(task_names), fontsize=8)
-    ax.set(xlabel="expert", title=f"{layer}: share of each task's tokens per expert")
+    ax.set(xlabel="expert", title=f"{layer}: {what}")
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
     return _save(fig, path)

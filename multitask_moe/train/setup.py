@@ -20,7 +20,13 @@ import optax
 from multitask_moe import data, models, parallel
 from multitask_moe.train import config_lib
 from multitask_moe.train.state import StateSpec, make_optimizer, state_spec
-from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_eval_step, make_train_step
+from multitask_moe.train.step import (
+    AUX_LOSSES,
+    TASK_WEIGHTINGS,
+    LossSettings,
+    make_eval_step,
+    make_train_step,
+)
 
 TRAIN_KEYS = ("inputs", "mask", "label", "task_id")
 EVAL_KEYS = TRAIN_KEYS + ("valid",)
@@ -42,7 +48,7 @@ class Experiment:
     task_modalities: tuple[str, ...]
     token_shape: tuple[int, int]
     model: Model
-    train_step: Callable  # compiled: (state, batch) -> (state, metrics)
+    train_step: Callable | None  # compiled: (state, batch) -> (state, metrics)
     eval_step: Callable  # compiled: (state, batch) -> per-task sums
     compile_seconds: float  # of the train step
 
@@ -70,6 +76,10 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
     for name in AUX_LOSSES:
         if config.aux_loss[name] < 0:
             raise ConfigError(f"aux_loss.{name}={config.aux_loss[name]} must be >= 0")
+    if config.task_weighting not in TASK_WEIGHTINGS:
+        raise ConfigError(
+            f"task_weighting={config.task_weighting!r} is not allowed; allowed: {TASK_WEIGHTINGS}"
+        )
 
 
 def task_weights_of(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -179,6 +189,7 @@ def build(
             token_shape=tuple(token_shape),
             rngs=rngs,
             group_size=group_size,
+            task_uncertainty=config.task_weighting == "uncertainty",
         )
 
     with _use_mesh(mesh):
@@ -189,6 +200,7 @@ def build(
         task_weights=loss_task_weights(config, task_names),
         aux_weights={name: float(config.aux_loss[name]) for name in AUX_LOSSES},
         sparse_layers=spec.sparse_layers,
+        task_weighting=config.task_weighting,
     )
     train_fn = make_train_step(
         spec.graphdef, tx, schedule, loss_settings, skip_nonfinite=config.skip_nonfinite_updates
@@ -220,10 +232,12 @@ def abstract_batch(
     return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding) for key in keys}
 
 
-def prepare(config: ml_collections.ConfigDict) -> Experiment:
+def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) -> Experiment:
     """Validates `config`, resolves mesh, data and state, and compiles the steps.
 
-    Writes nothing; every problem with the config raises ConfigError.
+    Writes nothing; every problem with the config raises ConfigError. compile_train=False
+    compiles only the eval step (train_step is then None): for evaluating or extracting
+    a trained model.
     """
     config = config.copy_and_resolve_references()
     # Cheapest checks first: numbers, then the mesh, then the tasks (which open datasets).
@@ -239,6 +253,7 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
             image_size=config.data.image_size,
             patch_size=config.data.patch_size,
             data_dir=config.data.data_dir,
+            min_token_shape=(config.data.min_tokens, config.data.min_token_width),
         )
     except (KeyError, ValueError, OSError) as error:
         raise ConfigError(f"data: {_one_line(error)}") from None
@@ -272,6 +287,8 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
                 abstract_batch(config.batch_size, token_shape, TRAIN_KEYS, sharding),
             )
             .compile()
+            if compile_train
+            else None
         )
         compile_seconds = time.perf_counter() - start
         eval_step = (

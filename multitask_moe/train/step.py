@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from multitask_moe.moe.usage import effective_experts
+
 # Scalar entries of a sparse layer's aux that become losses, by config weight name.
 AUX_LOSSES = {
     "load_balance": "load_balance_loss",
@@ -27,6 +29,7 @@ AUX_LOSSES = {
 }
 # Scalar entries averaged over layers for the logs.
 AUX_STATS = ("dropped_fraction", "router_entropy")
+TASK_WEIGHTINGS = ("fixed", "uncertainty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,7 @@ class LossSettings:
     task_weights: tuple[float, ...]  # [T], 1.0 for tasks the config does not name
     aux_weights: Mapping[str, float]  # keys of AUX_LOSSES
     sparse_layers: tuple[str, ...]  # aux keys of the model, e.g. "block1/moe"
+    task_weighting: str = "fixed"  # one of TASK_WEIGHTINGS
 
 
 def per_task_sums(
@@ -52,19 +56,26 @@ def per_task_sums(
 
 
 def task_loss(
-    cross_entropy: jax.Array, task_ids: jax.Array, settings: LossSettings
+    cross_entropy: jax.Array,
+    task_ids: jax.Array,
+    settings: LossSettings,
+    loss_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean over the tasks present in the batch of each task's mean cross-entropy.
+    """Mean over the tasks present in the batch of each task's (weighted) mean loss.
 
     Each task counts once whatever its share of the batch (the mixture rates already set
-    how often it is seen); optional task weights scale that. Returns (loss, per-task sums
-    [T], per-task counts [T]).
+    how often it is seen); optional task weights scale that. With loss_scale s [T]
+    (uncertainty weighting, Mod-Squad) task t contributes 0.5 / s_t^2 * L_t + log(1 + s_t^2)
+    in place of L_t. Returns (loss, per-task sums [T], per-task counts [T]).
     """
     ones = jnp.ones_like(cross_entropy, jnp.float32)
     sums, counts = per_task_sums(cross_entropy, task_ids, ones, settings.num_tasks)
     present = counts > 0
     weights = jnp.asarray(settings.task_weights, jnp.float32) * present  # [T]
     means = sums / jnp.maximum(counts, 1.0)  # [T]
+    if loss_scale is not None:
+        variance = jnp.square(loss_scale.astype(jnp.float32))  # [T]
+        means = 0.5 / variance * means + jnp.log1p(variance)
     total_weight = weights.sum()
     # A batch whose present tasks all weigh 0 contributes nothing (not 0/0).
     loss = jnp.where(
@@ -121,8 +132,15 @@ def make_train_step(
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["label"]
         )  # [B]
-        main, task_sums, task_counts = task_loss(cross_entropy, batch["task_id"], settings)
+        loss_scale = (
+            model.task_loss_scale[...] if settings.task_weighting == "uncertainty" else None
+        )
+        main, task_sums, task_counts = task_loss(
+            cross_entropy, batch["task_id"], settings, loss_scale
+        )
         extra, logged = aux_loss(aux, settings)
+        if loss_scale is not None:
+            logged["task_loss_scale"] = jax.lax.stop_gradient(loss_scale)
         # Router noise rng counters and any other non-parameter state move on.
         new_model_state = nnx.state(model, nnx.Not(nnx.Param))
         metrics = {
@@ -131,13 +149,27 @@ def make_train_step(
             "task_count": task_counts,
             **logged,
         }
-        return main + extra, (metrics, new_model_state)
+        return main + extra, (metrics, new_model_state, jax.lax.stop_gradient(aux))
+
+    def record_usage(params, model_state, aux) -> tuple[nnx.State, dict[str, jax.Array]]:
+        """The usage EMAs moved one step (training only: evaluation never moves them),
+        outside the differentiated function, whose trace may not mutate the state."""
+        model = nnx.merge(graphdef, params, model_state)
+        model.record_usage(aux)
+        logged = {
+            f"{name}/effective_experts": effective_experts(layer.usage[...])
+            for name, layer in model.sparse_layers().items()
+            if layer.usage is not None
+        }
+        return nnx.state(model, nnx.Not(nnx.Param)), logged
 
     def train_step(state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, new_model_state)), grads = grad_fn(
+        (loss, (metrics, new_model_state, aux)), grads = grad_fn(
             state["params"], state["model_state"], batch
         )
+        new_model_state, usage_metrics = record_usage(state["params"], new_model_state, aux)
+        metrics.update(usage_metrics)
         updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
@@ -170,7 +202,8 @@ def make_eval_step(
 
     batch: as for training plus valid [B] bool (padding examples of the last batch are
     False). Output: loss_sum [T], correct_sum [T], count [T], and task_expert_counts
-    [T, E] per sparse layer (routing of every token of the batch, padding included).
+    (kept) and task_chosen_counts (top-k choices) [T, E] per sparse layer (routing of
+    every token of the batch, padding examples included).
     """
 
     def eval_step(state, batch):
@@ -183,9 +216,8 @@ def make_eval_step(
         correct_sum, _ = per_task_sums(correct, batch["task_id"], valid, num_tasks)
         out = {"loss_sum": loss_sum, "correct_sum": correct_sum, "count": count}
         for layer in sparse_layers:
-            out[f"{layer}/task_expert_counts"] = aux[layer]["task_expert_counts"].astype(
-                jnp.float32
-            )
+            for name in ("task_expert_counts", "task_chosen_counts"):
+                out[f"{layer}/{name}"] = aux[layer][name].astype(jnp.float32)
         return out
 
     return eval_step
@@ -197,8 +229,10 @@ def sum_trees(total: dict | None, new: dict) -> dict:
 
 
 def weight_decay_mask(params) -> object:
-    """True for matrices (kernels, expert weights, routers); False for biases, norms and
-    the [L, D] / [T, D] embedding tables, which decay toward nothing useful."""
+    """True for matrices (kernels, expert weights, routers); False for biases, norms,
+    the [L, D] / [T, D] embedding tables, which decay toward nothing useful, and the
+    uncertainty scales s_t [T]: decay would pull s_t toward 0, i.e. raise every task's
+    weight 0.5 / s_t^2 over training, a drift unrelated to the tasks' noise."""
 
     def decays(path, leaf):
         name = jax.tree_util.keystr(path)

@@ -15,7 +15,9 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow as tf
+from flax import nnx
 from tqdm import tqdm
 
 from multitask_moe import parallel
@@ -159,7 +161,7 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
             splits["test"] = test
         writer.write(result.step, final)
         if chief:
-            _report(experiment, workdir, splits, routing)
+            _report(experiment, workdir, splits, routing, usage_tables(spec, result.state))
         return final
     finally:
         checkpoints.close()
@@ -176,6 +178,7 @@ def _data_settings(config: ml_collections.ConfigDict) -> dict:
         "cap": data.cap,
         "image_size": data.image_size,
         "patch_size": data.patch_size,
+        "min_token_shape": [data.min_tokens, data.min_token_width],
         "batch_size": config.batch_size,
         "seed": config.seed,
     }
@@ -215,7 +218,8 @@ def _check_resumable(saved: dict, step: int, experiment: Experiment, directory: 
         )
     now = _data_settings(experiment.config)
     before = saved.get("data", now)  # checkpoints older than this record have none
-    changed = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+    # A setting a checkpoint does not record is one it predates: the default then held.
+    changed = {k: (before[k], now[k]) for k in now if k in before and before[k] != now[k]}
     if changed:
         described = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(
@@ -224,7 +228,16 @@ def _check_resumable(saved: dict, step: int, experiment: Experiment, directory: 
         )
 
 
-def _report(experiment: Experiment, workdir: str, splits, routing) -> None:
+def usage_tables(spec, state: dict) -> dict[str, np.ndarray]:
+    """{layer: usage EMA [T, E]} of a train state, on the host (the tables are replicated,
+    so this process's copy is the whole table on any number of processes)."""
+    model = nnx.merge(spec.graphdef, state["params"], state["model_state"])
+    return {
+        name: np.asarray(table.addressable_data(0)) for name, table in model.usage_tables().items()
+    }
+
+
+def _report(experiment: Experiment, workdir: str, splits, routing, usage) -> None:
     """Plots and the per-task table (process 0)."""
     task_names = experiment.task_names
     written = []
@@ -240,6 +253,17 @@ def _report(experiment: Experiment, workdir: str, splits, routing) -> None:
             written.append(
                 plots.routing_heatmap(
                     counts, task_names, layer, os.path.join(plot_dir, f"routing_{name}.png")
+                )
+            )
+        for layer, table in usage.items():
+            name = layer.replace("/", "_")
+            written.append(
+                plots.routing_heatmap(
+                    table,
+                    task_names,
+                    layer,
+                    os.path.join(plot_dir, f"usage_{name}.png"),
+                    what="training usage EMA per task",
                 )
             )
     table = evaluate_lib.results_table(

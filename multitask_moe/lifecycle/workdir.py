@@ -1,0 +1,81 @@
+"""A trained model on disk: its config.json and its latest checkpoint, restored.
+
+A training workdir and an extracted model directory have the same layout (config.json,
+checkpoints/<step>/), so both restore with the same code onto any mesh: the model is
+rebuilt from its config (tasks and per-layer expert counts included) and the checkpoint
+restored onto that model's shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import tensorflow as tf
+
+from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train.setup import ConfigError, Experiment, prepare
+
+CONFIG_FILE = "config.json"
+
+
+class WorkdirError(ValueError):
+    """A directory that holds no restorable model; the message says what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A model restored from a directory: its prepared experiment (eval step compiled) and
+    its latest state, on experiment.mesh."""
+
+    directory: str
+    experiment: Experiment
+    state: dict
+    step: int
+    progress: dict
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+    """The config a run (or an extraction) wrote to `directory`."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        raise WorkdirError(f"{directory} has no {CONFIG_FILE}: not a training workdir or model")
+    with tf.io.gfile.GFile(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(
+    directory: str,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    mesh: dict[str, int] | None = None,
+) -> Restored:
+    """Restores the latest checkpoint of `directory` (config: its config.json by default;
+    mesh: axis sizes replacing config.mesh, e.g. {"data": 8, "expert": 1})."""
+    config = load_config(directory) if config is None else config
+    checkpoint_dir = os.path.join(directory, "checkpoints")
+    if not tf.io.gfile.isdir(checkpoint_dir):
+        raise WorkdirError(f"{directory} holds no checkpoint (no {checkpoint_dir})")
+    if mesh is not None:
+        config = config.copy_and_resolve_references()
+        config.mesh = ml_collections.ConfigDict(dict(mesh))
+    experiment = prepare(config, compile_train=False)
+    checkpoints = Checkpoints(checkpoint_dir, keep=config.keep_checkpoints, enable_async=False)
+    try:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise WorkdirError(f"{directory} holds no checkpoint ({checkpoint_dir} is empty)")
+        with jax.set_mesh(experiment.mesh):
+            state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
+    finally:
+        checkpoints.close()
+    saved_tasks = progress.get("task_names")
+    if saved_tasks is not None and list(saved_tasks) != list(experiment.task_names):
+        raise ConfigError(
+            f"checkpoint {step} in {directory} holds tasks {saved_tasks}, its config "
+            f"{list(experiment.task_names)}"
+        )
+    return Restored(directory, experiment, state, step, progress)
