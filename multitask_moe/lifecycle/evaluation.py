@@ -87,6 +87,13 @@ def evaluate_workdir(
     return results
 
 
+def evaluation_model(restored: Restored):
+    """The restored model with host (numpy) values: for reading its tables."""
+    spec = restored.experiment.model.spec
+    params, model_state = jax.device_get((restored.state["params"], restored.state["model_state"]))
+    return nnx.merge(spec.graphdef, params, model_state)
+
+
 def task_logits(restored: Restored, task_id: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C] float32, labels [N]) of every example of one task's split, in the
     pipeline's order (the same on any model fed by a mixture with the same layout)."""

@@ -40,6 +40,7 @@ from multitask_moe import models, parallel
 from multitask_moe.lifecycle import evaluation, selection
 from multitask_moe.lifecycle.export import export_forward
 from multitask_moe.lifecycle.workdir import CONFIG_FILE, Restored, load_config, restore
+from multitask_moe.train import config_lib
 from multitask_moe.train import evaluate as evaluate_lib
 from multitask_moe.train.checkpoint import Checkpoints
 from multitask_moe.train.state import count_params, create_state
@@ -79,19 +80,20 @@ def extract(
     ConfigError) before writing anything.
     """
     _check_arguments(threshold, router, usage, out, overwrite)
-    source = restore(workdir)
-    experiment = source.experiment
-    if task not in experiment.task_names:
-        raise ExtractionError(
-            f"task {task!r} is not one of the model's tasks; trained: {list(experiment.task_names)}"
-        )
-    task_id = experiment.task_names.index(task)
-    full_model = _host_model(source)
-    layers = full_model.sparse_layers()
-    if not layers:
+    # Checks that need only the config come before the (slower) restore.
+    config = load_config(workdir)
+    if not (config.model.moe_every or config.model.moa_every):
         raise ExtractionError(
             f"the model in {workdir} has no MoE or MoA layer: there are no experts to extract"
         )
+    trained = list(config_lib.parse_weights(config.data.tasks, "data.tasks"))
+    if task not in trained:
+        raise ExtractionError(f"task {task!r} is not one of the model's tasks; trained: {trained}")
+    source = restore(workdir, config)
+    experiment = source.experiment
+    task_id = experiment.task_names.index(task)
+    full_model = evaluation.evaluation_model(source)
+    layers = full_model.sparse_layers()
     usage_rows = _usage_rows(source, full_model, task_id, usage)
     kept, routes, overrides = {}, {}, {}
     for name, layer in layers.items():
@@ -154,13 +156,6 @@ def _check_arguments(threshold, router, usage, out, overwrite) -> None:
         raise ExtractionError(f"{out} already holds {what}; pass --overwrite to replace it")
 
 
-def _host_model(restored: Restored) -> models.MultitaskTransformer:
-    """The restored model with host (numpy) values, for reading tables."""
-    spec = restored.experiment.model.spec
-    params, model_state = jax.device_get((restored.state["params"], restored.state["model_state"]))
-    return nnx.merge(spec.graphdef, params, model_state)
-
-
 def _usage_rows(
     source: Restored, model: models.MultitaskTransformer, task_id: int, usage: str
 ) -> dict[str, np.ndarray]:
@@ -201,6 +196,7 @@ def _extracted_config(experiment, task: str, overrides: dict) -> ml_collections.
     config.data.min_tokens, config.data.min_token_width = int(length), int(width)
     config.task_weights = ""
     config.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
+    config.num_cpu_devices = 0  # the devices there are: one suffices (no simulated mesh)
     if config.model.moe_every and config.model.moe.group_size is None:
         # One sequence per routing group: never straddles devices on any mesh.
         config.model.moe.group_size = int(length)
