@@ -110,7 +110,10 @@ def moe_loop(
 
 
 def moa_loop(layer, x, task_ids=None, mask=None, causal=False):
-    """Reference MoA output [B, L, D]: per token, per chosen expert, one attention head."""
+    """Reference MoA output [B, L, D]: per token, per chosen expert, one attention head.
+
+    Padding tokens are keys for no one and are not routed, so their output is zero.
+    """
     x = np.asarray(x, np.float64)
     batch, length, _ = x.shape
     router = {"w_in": np.zeros((layer.num_experts, 1, 1))}
@@ -128,7 +131,7 @@ def moa_loop(layer, x, task_ids=None, mask=None, causal=False):
         kv = x[b] @ w_kv
         keys, values = kv[:, :head_dim], kv[:, head_dim:]
         task = 0 if task_ids is None else int(task_ids[b])
-        for i in range(length):
+        for i in np.flatnonzero(mask[b]):
             probs = softmax(token_logits(router, layer.routing, x[b, i], task))
             for e in np.argsort(-probs, kind="stable")[: layer.top_k]:
                 q = x[b, i] @ w_query[e]
