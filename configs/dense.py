@@ -7,21 +7,11 @@ hidden mlp_dim, so every token sees the same active parameters and compute. The
 'expert' mesh axis then only splits the batch.
 """
 
-import importlib.util
-import os
-
-
-def _default_module():
-    # Config files are loaded by path, not as a package: load the sibling file the same way.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("mtm_config_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from multitask_moe.train import config_lib
 
 
 def get_config(arg: str | None = None):
-    c = _default_module().get_config(arg)
+    c = config_lib.sibling_config(__file__, "default", arg)
     c.model.moe_every = 0
     c.model.moa_every = 0
     c.aux_loss.load_balance = 0.0

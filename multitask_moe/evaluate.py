@@ -22,21 +22,6 @@ _SPLITS = flags.DEFINE_list("splits", ["validation", "test"], "Splits to evaluat
 _MESH = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=8,expert=1 ('' = config's).")
 
 
-def parse_mesh(text: str) -> dict[str, int] | None:
-    if not text:
-        return None
-    mesh = {}
-    for item in text.split(","):
-        name, sep, size = item.partition("=")
-        try:
-            mesh[name.strip()] = int(size)
-        except ValueError:
-            sep = ""
-        if not sep:
-            runtime.fail(f"--mesh={text!r}: {item!r} is not axis=size (e.g. data=8,expert=1)")
-    return mesh
-
-
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -44,7 +29,7 @@ def main(argv: list[str]) -> None:
         runtime.fail(f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
         runtime.fail("--workdir is required")
-    mesh = parse_mesh(_MESH.value)
+    mesh = runtime.parse_mesh(_MESH.value)
 
     from multitask_moe import lifecycle  # TensorFlow loads only now
 

@@ -1,8 +1,11 @@
 """python -m multitask_moe.extract --workdir=W --task=NAME --out=O [--threshold=3]
     [--router=auto|sliced|full] [--usage=ema|data] [--export] [--overwrite]
+    [--mesh=data=1,expert=1]
 
 Extracts one task's standalone model from the latest checkpoint of the training workdir
-W into the directory O (multitask_moe.lifecycle.extract; docs/lifecycle.md). Bad input
+W into the directory O (multitask_moe.lifecycle.extract; docs/lifecycle.md). --mesh
+restores the trained model onto other axis sizes than its config's (e.g. extraction on a
+one-device machine from a run on a pod slice). Bad input
 (unknown task, no checkpoint, nothing to extract, a bad threshold, O holding another
 model, no usage statistics) prints one `error:` line, exits with status 2 and writes
 nothing.
@@ -34,6 +37,9 @@ _USAGE = flags.DEFINE_string(
 )
 _EXPORT = flags.DEFINE_bool("export", False, "Also write a jax.export artifact of the forward.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a model already in --out.")
+_MESH = flags.DEFINE_string(
+    "mesh", "", "Mesh to restore the trained model on, e.g. data=1,expert=1 ('' = config's)."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -44,6 +50,7 @@ def main(argv: list[str]) -> None:
     for flag in (_WORKDIR, _TASK, _OUT):
         if not flag.value:
             runtime.fail(f"--{flag.name} is required")
+    mesh = runtime.parse_mesh(_MESH.value)
 
     from multitask_moe import lifecycle  # TensorFlow loads only now
 
@@ -58,6 +65,7 @@ def main(argv: list[str]) -> None:
             usage=_USAGE.value,
             export=_EXPORT.value,
             overwrite=_OVERWRITE.value,
+            mesh=mesh,
         )
     except ValueError as error:  # ExtractionError, WorkdirError, ConfigError
         runtime.fail(str(error))

@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script: str, out, *args: str) -> dict:
+def _run(script: str, out, *args: str, timeout: int = 300) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("XLA_FLAGS", None)  # each script sets up its own devices
     result = subprocess.run(
@@ -22,7 +22,7 @@ def _run(script: str, out, *args: str) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
@@ -81,3 +81,24 @@ def test_input_pipeline_benchmark_runs(tmp_path):
         "--resume_step=1000",
     )
     assert result["train_examples_per_s_median"] > 0
+
+
+@pytest.mark.slow  # ~3 min: trains both variants briefly, extracts one task of each
+def test_extraction_benchmark_runs(tmp_path):
+    result = _run(
+        "extraction.py",
+        tmp_path / "result.json",
+        "--steps=8",
+        "--tasks=iris",
+        "--runs=1",
+        "--calls=1",
+        f"--workdir={tmp_path / 'runs'}",
+        timeout=900,
+    )
+    assert set(result["variants"]) == {"mod_squad", "task"}
+    for variant in result["variants"].values():
+        (row,) = variant["tasks"]
+        assert row["task"] == "iris" and 0 < row["params_ratio"] < 1
+        assert row["speedup"] > 0 and row["peak_bytes"]["extracted"] > 0
+    task_row = result["variants"]["task"]["tasks"][0]
+    assert set(task_row["kept_experts"].values()) == {2}  # top-k of the task's routing row

@@ -105,6 +105,8 @@ class Mixture:
         memory after its first pass; a larger one is re-read from TFDS every epoch.
       min_token_shape: (L, P) to pad to at least, e.g. the layout of the mixture a model
         extracted for one of its tasks was trained on; (0, 0) = the tasks' own.
+      train_examples: {name: N}: those tasks train on N examples of their train split
+        (`Task.limited`: the same N for the same `subset_seed`).
 
     Attributes:
       tasks: list[Task] in task-id order.
@@ -126,8 +128,14 @@ class Mixture:
         shuffle_buffer: int = 16_384,
         cache_bytes: int = 1 << 30,
         min_token_shape: tuple[int, int] = (0, 0),
+        train_examples: Mapping[str, int] | None = None,
+        subset_seed: int = 0,
     ):
         names, weights = _parse_weights(tasks)
+        train_examples = dict(train_examples or {})
+        unknown = sorted(set(train_examples) - set(names))
+        if unknown:
+            raise ValueError(f"train_examples names {unknown}, which are not tasks; tasks: {names}")
         if rate not in rates_lib.RATE_KINDS:
             raise ValueError(f"rate={rate!r} is not one of {rates_lib.RATE_KINDS}.")
         tasks_lib.check_image_layout(image_size, patch_size)
@@ -135,6 +143,12 @@ class Mixture:
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
         self.cache_bytes = _check_int("cache_bytes", cache_bytes, 0)
         self.tasks = [tasks_lib.get_task(name, data_dir) for name in names]
+        self.tasks = [
+            task.limited(train_examples[task.name], subset_seed)
+            if task.name in train_examples
+            else task
+            for task in self.tasks
+        ]
         self.weights = np.asarray(weights)
         num_examples = None
         if rate != "explicit":

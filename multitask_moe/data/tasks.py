@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,6 +84,9 @@ class Task:
       feature_mean, feature_std: train-split statistics [F] (tabular only).
       embedded: built locally by this package (True) or an external TFDS dataset.
       metric: how the task is scored.
+      train_limit: train on only this many examples of the train split (None = all): a
+        uniform random subset drawn with `limit_seed`, kept in stored order (`limited`).
+      limit_seed: the seed of that subset.
     """
 
     name: str
@@ -98,9 +102,39 @@ class Task:
     feature_std: tuple[float, ...] | None = None
     embedded: bool = False
     metric: str = "accuracy"
+    train_limit: int | None = None
+    limit_seed: int = 0
 
     def __hash__(self) -> int:  # `splits` is a dict; these fields identify a task
-        return hash((self.name, self.tfds_name, self.data_dir))
+        return hash((self.name, self.tfds_name, self.data_dir, self.train_limit, self.limit_seed))
+
+    def limited(self, num_examples: int, seed: int = 0) -> Task:
+        """This task trained on `num_examples` examples of its train split, the same ones
+        for the same seed (validation and test splits stay whole).
+
+        Raises ValueError unless 1 <= num_examples <= the train split's size.
+        """
+        available = self.with_all_examples().num_examples("train")
+        if (
+            isinstance(num_examples, bool)
+            or not isinstance(num_examples, int | np.integer)
+            or not 1 <= num_examples <= available
+        ):
+            raise ValueError(
+                f"{self.name}@{num_examples}: the example limit must be an int in "
+                f"[1, {available}] (the size of its train split)"
+            )
+        return dataclasses.replace(self, train_limit=int(num_examples), limit_seed=int(seed))
+
+    def with_all_examples(self) -> Task:
+        return dataclasses.replace(self, train_limit=None, limit_seed=0)
+
+    def train_subset(self) -> np.ndarray:
+        """Sorted indices int64 [train_limit] of the examples a limited task trains on."""
+        available = self.with_all_examples().num_examples("train")
+        digest = zlib.crc32(self.name.encode())
+        rng = np.random.default_rng([self.limit_seed, digest])
+        return np.sort(rng.choice(available, self.train_limit, replace=False))
 
     def tfds_split(self, split: str) -> str:
         """The TFDS split string behind our `split`; ValueError if the task lacks it."""
@@ -120,6 +154,8 @@ class Task:
 
     def num_examples(self, split: str) -> int:
         """Examples in the whole split (all processes together)."""
+        if split == "train" and self.train_limit is not None:
+            return self.train_limit
         dataset = self.builder().as_dataset(split=self.tfds_split(split))
         return int(dataset.cardinality())
 
@@ -158,7 +194,8 @@ class Task:
         check_image_layout(image_size, patch_size)
         check_process(process_index, process_count)
         tfds_split = self.tfds_split(split)
-        if process_count > 1:
+        subset = split == "train" and self.train_limit is not None
+        if process_count > 1 and not subset:
             tfds_split = tfds.even_splits(tfds_split, n=process_count, drop_remainder=False)[
                 process_index
             ]
@@ -167,6 +204,18 @@ class Task:
             shuffle_files=False,
             read_config=tfds.ReadConfig(try_autocache=False),
         )
+        if subset:
+            # One pass over the whole split keeps the chosen examples; each process then
+            # takes its share of them (the subset is small: the mixture caches it).
+            chosen = np.zeros(self.with_all_examples().num_examples("train"), bool)
+            chosen[self.train_subset()] = True
+            chosen = tf.constant(chosen)
+            source = (
+                source.enumerate()
+                .filter(lambda index, _: tf.gather(chosen, index))
+                .map(lambda _, example: example)
+                .shard(process_count, process_index)
+            )
         if self.modality == "image":
 
             def to_tokens(inputs):

@@ -21,8 +21,8 @@ import tensorflow as tf
 from flax import nnx
 
 from multitask_moe import parallel
-from multitask_moe.lifecycle.workdir import Restored, restore
 from multitask_moe.train import evaluate as evaluate_lib
+from multitask_moe.train.workdir import Restored, restore
 
 EVALUATION_FILE = "evaluation.json"
 

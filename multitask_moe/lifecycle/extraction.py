@@ -39,11 +39,11 @@ from flax import nnx
 from multitask_moe import models, parallel
 from multitask_moe.lifecycle import evaluation, selection
 from multitask_moe.lifecycle.export import export_forward
-from multitask_moe.lifecycle.workdir import CONFIG_FILE, Restored, load_config, restore
 from multitask_moe.train import config_lib
 from multitask_moe.train import evaluate as evaluate_lib
 from multitask_moe.train.checkpoint import Checkpoints
 from multitask_moe.train.state import count_params, create_state
+from multitask_moe.train.workdir import CONFIG_FILE, Restored, load_config, restore
 
 EXTRACTION_FILE = "extraction.json"
 ROUTERS = ("auto", "sliced", "full")
@@ -65,6 +65,7 @@ def extract(
     export: bool = False,
     overwrite: bool = False,
     splits: tuple[str, ...] = ("validation", "test"),
+    mesh: dict[str, int] | None = None,
 ) -> dict:
     """Extracts `task` from the latest checkpoint of `workdir` into the directory `out`.
 
@@ -76,6 +77,8 @@ def extract(
       "full" for task routing (where it is exact) and "sliced" otherwise.
     usage: "ema" reads the usage statistics in the checkpoint; "data" counts the task's
       choices on its training examples.
+    mesh: axis sizes to restore the trained model on instead of its config's (e.g.
+      {"data": 1, "expert": 1}); the extracted model's own mesh is data-only either way.
     Returns the extraction.json contents. Raises ExtractionError (or WorkdirError,
     ConfigError) before writing anything.
     """
@@ -86,10 +89,10 @@ def extract(
         raise ExtractionError(
             f"the model in {workdir} has no MoE or MoA layer: there are no experts to extract"
         )
-    trained = list(config_lib.parse_weights(config.data.tasks, "data.tasks"))
+    trained = list(config_lib.parse_tasks(config.data.tasks)[0])
     if task not in trained:
         raise ExtractionError(f"task {task!r} is not one of the model's tasks; trained: {trained}")
-    source = restore(workdir, config)
+    source = restore(workdir, config, mesh=mesh)
     experiment = source.experiment
     task_id = experiment.task_names.index(task)
     full_model = evaluation.evaluation_model(source)
@@ -192,7 +195,8 @@ def _usage_rows(
 def _extracted_config(experiment, task: str, overrides: dict) -> ml_collections.ConfigDict:
     config = experiment.config.copy_and_resolve_references()
     length, width = experiment.token_shape
-    config.data.tasks = f"{task}=1"
+    limit = config_lib.parse_tasks(config.data.tasks)[1].get(task)
+    config.data.tasks = f"{task}=1" + (f"@{limit}" if limit else "")
     config.data.min_tokens, config.data.min_token_width = int(length), int(width)
     config.task_weights = ""
     config.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})

@@ -9,6 +9,7 @@ logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
+from multitask_moe.models.freezing import FREEZE_MODES, frozen_fraction, trainable_mask
 from multitask_moe.models.model import (
     INVALID_CLASS_LOGIT,
     MultitaskTransformer,
@@ -20,6 +21,7 @@ from multitask_moe.moe import MoASettings, MoESettings
 
 __all__ = [
     "DTYPES",
+    "FREEZE_MODES",
     "INVALID_CLASS_LOGIT",
     "MODALITIES",
     "Block",
@@ -29,7 +31,9 @@ __all__ = [
     "MultitaskTransformer",
     "RowMap",
     "axis_tags",
+    "frozen_fraction",
     "model_from_config",
     "sparse_layer_path",
+    "trainable_mask",
     "transplant",
 ]

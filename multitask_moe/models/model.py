@@ -203,7 +203,7 @@ class MultitaskTransformer(nnx.Module):
         for name, layer in self.sparse_layers().items():
             layer.record_usage(aux[name])
 
-    def __call__(
+    def features(
         self,
         inputs: jax.Array,
         mask: jax.Array,
@@ -211,8 +211,8 @@ class MultitaskTransformer(nnx.Module):
         *,
         deterministic: bool,
     ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
-        """inputs [B, L, P], mask [B, L] bool, task_ids [B] int32 ->
-        (logits [B, C] float32, {"block<i>/moe"|"block<i>/moa": aux of that layer})."""
+        """inputs [B, L, P], mask [B, L] bool, task_ids [B] int32 -> (pooled features
+        [B, D] float32 that the task's head reads, the aux of every sparse layer)."""
         task_ids = task_ids.astype(jnp.int32)
         x = self.stem(inputs, task_ids)  # [B, L, D]
         x = x + self.position_embedding[...].astype(self.dtype)[None]  # [B, L, D]
@@ -228,9 +228,29 @@ class MultitaskTransformer(nnx.Module):
         weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
         # Masked mean over the real tokens (each example has at least one).
         pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)  # [B, D]
+        return pooled, aux
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        mask: jax.Array,
+        task_ids: jax.Array,
+        *,
+        deterministic: bool,
+    ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+        """inputs [B, L, P], mask [B, L] bool, task_ids [B] int32 ->
+        (logits [B, C] float32, {"block<i>/moe"|"block<i>/moa": aux of that layer})."""
+        task_ids = task_ids.astype(jnp.int32)
+        pooled, aux = self.features(inputs, mask, task_ids, deterministic=deterministic)
+        return self.head(pooled, task_ids), aux
+
+    def head(self, pooled: jax.Array, task_ids: jax.Array) -> jax.Array:
+        """pooled features [B, D], task_ids [B] -> logits [B, C] float32 of each example's
+        task head (INVALID_CLASS_LOGIT past the task's own classes)."""
+        task_ids = task_ids.astype(jnp.int32)
         kernel = take_rows(self.head_kernel[...], task_ids).astype(jnp.float32)  # [B, D, C]
         bias = take_rows(self.head_bias[...], task_ids).astype(jnp.float32)  # [B, C]
         logits = jnp.einsum("bd,bdc->bc", pooled, kernel) + bias  # [B, C]
         num_classes = lookup(self.task_num_classes, task_ids)  # [B]
         valid = jnp.arange(self.max_classes)[None, :] < num_classes[:, None]  # [B, C]
-        return jnp.where(valid, logits, INVALID_CLASS_LOGIT), aux
+        return jnp.where(valid, logits, INVALID_CLASS_LOGIT)

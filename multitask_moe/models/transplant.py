@@ -41,17 +41,23 @@ class RowMap:
       layer not named holds the same experts as the source.
     routes: {sparse layer path: source router columns the target router keeps}; a layer
       not named keeps every column.
+    class_tasks: the task map of leaves with a class axis (heads), when it differs from
+      `tasks`: a new task started from a seen task's rows keeps a fresh head, since its
+      classes are its own. None: `tasks`.
     """
 
     tasks: tuple[int | None, ...]
     experts: Mapping[Path, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     routes: Mapping[Path, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    class_tasks: tuple[int | None, ...] | None = None
 
 
-def axis_tags(model: nnx.Module) -> dict[Path, dict[str, int]]:
-    """{path: {tag: axis}} of every tagged variable of `model` (abstract or concrete)."""
+def axis_tags(model: nnx.Module | nnx.State) -> dict[Path, dict[str, int]]:
+    """{path: {tag: axis}} of every tagged variable of `model` (abstract or concrete), or
+    of a state split from one (e.g. the abstract parameters of a StateSpec)."""
     tags = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model)):
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
+    for path, variable in nnx.to_flat_state(state):
         metadata = variable.get_metadata()
         found = {tag: metadata[tag] for tag in AXIS_TAGS if metadata.get(tag) is not None}
         if found:
@@ -105,7 +111,10 @@ def transplant(
             value = _take(value, leaf_tags["expert_axis"], rows.experts[layer])
         if "route_axis" in leaf_tags and layer in rows.routes:
             value = _take(value, leaf_tags["route_axis"], rows.routes[layer])
-        value = _task_and_class_rows(value, fresh, leaf_tags, rows.tasks)
+        tasks = rows.tasks
+        if rows.class_tasks is not None and "class_axis" in leaf_tags:
+            tasks = rows.class_tasks
+        value = _task_and_class_rows(value, fresh, leaf_tags, tasks)
         if value.shape != fresh.shape:
             raise ValueError(
                 f"{'/'.join(map(str, path))}: the source has shape {list(value.shape)} after "

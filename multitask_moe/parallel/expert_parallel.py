@@ -89,11 +89,13 @@ Forward = Callable[[nnx.Module, dict[str, jax.Array], Exchange], tuple[jax.Array
 def active_mesh() -> jax.sharding.AbstractMesh | None:
     """The mesh layers run expert-parallel on, or None for the one-device path.
 
-    None outside jax.set_mesh, on a one-device mesh, and inside a shard_map that already
-    made some axes manual (the caller is then doing its own partitioning).
+    None outside jax.set_mesh and inside a shard_map that already made some axes manual
+    (the caller is then doing its own partitioning). A one-device mesh still runs under
+    shard_map: its arrays carry (trivial) explicit shardings that some ops inside the
+    layers would otherwise have to be told about one by one.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    if mesh.empty or mesh.manual_axes:
         return None
     return mesh
 

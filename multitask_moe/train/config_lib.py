@@ -13,6 +13,8 @@ can give them a value but cannot parse "None".
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import typing
 from collections.abc import Mapping
 
@@ -20,6 +22,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from multitask_moe.moe import MoASettings, MoESettings
+
+CONFIG_FILE = "config.json"  # what a run writes to its workdir
 
 
 def settings_section(settings: type, **values) -> ml_collections.ConfigDict:
@@ -61,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
 
     c.data = ml_collections.ConfigDict()
-    c.data.tasks = ""  # "name=weight, name=weight": the mixture (data.Mixture).
+    c.data.tasks = ""  # "name=weight, name=weight@N": the mixture (data.Mixture); @N trains
+    # on N examples of the task's train split, the same ones for the same seed.
     c.data.rate = "explicit"  # explicit | proportional | temperature
     c.data.temperature = config_dict.placeholder(float)  # rate="temperature" only
     c.data.cap = config_dict.placeholder(float)  # cap on scaled example counts (not explicit)
@@ -79,6 +84,17 @@ def base_config() -> ml_collections.ConfigDict:
     # "fixed": the mean over the batch's tasks of task_weight * loss; "uncertainty": each
     # task's loss scaled by a learned 0.5 / s_t^2, plus log(1 + s_t^2) (docs/methods.md).
     c.task_weighting = "fixed"
+
+    # Warm start (docs/lifecycle.md, "Adding tasks"): start from the latest checkpoint of
+    # another run, whose model may have other tasks; seen tasks keep their rows by name.
+    c.init_from = ""  # a training workdir; "" = a fresh initialization
+    # How a new task starts: "scratch" | "nearest" (the seen task whose rows serve its
+    # training examples best) | "<seen task>", or per task: "digits/parity=nearest, iris=scratch".
+    c.new_task_init = "scratch"
+    c.nearest_examples = 256  # training examples of a new task that score the candidates
+    # "none" | "experts" (expert weights fixed) | "shared" (only the new tasks' rows train).
+    c.freeze = "none"
+
     c.batch_size = 64  # global, over all processes and devices
     c.eval_batch_size = 128
     c.num_train_steps = 1000
@@ -152,6 +168,16 @@ def parse_arg(arg: str | None, **defaults):
     return ml_collections.ConfigDict(values)
 
 
+def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config(arg) of configs/<name>.py beside the config file `file` (__file__):
+    config files are loaded by path, not as a package, so one reuses another this way."""
+    path = os.path.join(os.path.dirname(os.path.abspath(file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"mtm_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def parse_weights(text: str, what: str) -> dict[str, float]:
     """ "a=1, b/c=0.5" -> {"a": 1.0, "b/c": 0.5}; `what` names the field in errors."""
     weights: dict[str, float] = {}
@@ -167,6 +193,26 @@ def parse_weights(text: str, what: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"{what}: weight {value!r} of {name!r} is not a number") from None
     return weights
+
+
+def parse_tasks(text: str) -> tuple[dict[str, float], dict[str, int]]:
+    """data.tasks "a=1, b=0.5@50" -> ({"a": 1.0, "b": 0.5}, {"b": 50}): weights, and the
+    train-example limits of the tasks that carry an @N."""
+    limits: dict[str, int] = {}
+    items = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        body, at, limit = item.rpartition("@")
+        if at:
+            name = body.rpartition("=")[0].strip()
+            try:
+                limits[name] = int(limit)
+            except ValueError:
+                raise ValueError(
+                    f"data.tasks: {item!r}: the example limit {limit!r} after @ is not an int"
+                ) from None
+            item = body
+        items.append(item)
+    return parse_weights(", ".join(items), "data.tasks"), limits
 
 
 def format_weights(weights: Mapping[str, float]) -> str:

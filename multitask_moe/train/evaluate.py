@@ -12,8 +12,7 @@ import jax
 import numpy as np
 
 from multitask_moe.train.metrics import per_task_eval
-from multitask_moe.train.setup import EVAL_KEYS, TRAIN_KEYS  # noqa: F401 (re-exported)
-from multitask_moe.train.step import sum_trees
+from multitask_moe.train.step import EVAL_KEYS, TRAIN_KEYS, sum_trees  # noqa: F401
 
 
 def global_batch(
@@ -37,8 +36,10 @@ def evaluate(
     task_names: Sequence[str],
     sparse_layers: Sequence[str],
     prefix: str,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Runs eval_step over `batches` (data.Mixture.eval_batches).
+    """Runs eval_step over `batches` (data.Mixture.eval_batches); `groups` of tasks get
+    their own mean accuracy (metrics.per_task_eval).
 
     Returns (`<prefix>/<task>/accuracy|loss` scalars, {layer: task x expert token counts
     [T, E]}). Sums stay on device until the end: one host transfer per evaluation.
@@ -50,7 +51,7 @@ def evaluate(
         raise ValueError(f"the {prefix} split yielded no batches")
     total = jax.device_get(total)
     counts = {layer: np.asarray(total[f"{layer}/task_expert_counts"]) for layer in sparse_layers}
-    return per_task_eval(total, task_names, prefix), counts
+    return per_task_eval(total, task_names, prefix, groups), counts
 
 
 def results_table(
@@ -58,29 +59,39 @@ def results_table(
     task_num_classes: Sequence[int],
     task_modalities: Sequence[str],
     splits: Mapping[str, Mapping[str, float]],
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """Per-task text table: modality, classes, chance, accuracy/loss for each split."""
-    header = ["task", "modality", "classes", "chance"]
+    """Per-task text table: modality, classes, chance, accuracy/loss for each split; with
+    `groups` ({"seen": [...], "new": [...]}) a column naming each task's group and a mean
+    row per group."""
+    group_of = {name: group for group, names in (groups or {}).items() for name in names}
+    header = ["task"] + (["set"] if groups else []) + ["modality", "classes", "chance"]
     for split in splits:
         header += [f"{split} acc", f"{split} loss"]
     rows = []
+    chance = dict(zip(task_names, (1.0 / c for c in task_num_classes), strict=True))
     for name, classes, modality in zip(task_names, task_num_classes, task_modalities, strict=True):
-        row = [name, modality, str(classes), f"{1.0 / classes:.3f}"]
+        row = [name] + ([group_of.get(name, "")] if groups else [])
+        row += [modality, str(classes), f"{chance[name]:.3f}"]
         for split, scalars in splits.items():
             row += [
                 f"{scalars[f'{split}/{name}/accuracy']:.3f}",
                 f"{scalars[f'{split}/{name}/loss']:.3f}",
             ]
         rows.append(row)
-    mean = ["mean", "", "", f"{np.mean([1.0 / c for c in task_num_classes]):.3f}"]
-    for split, scalars in splits.items():
-        mean += [f"{scalars[f'{split}/mean_accuracy']:.3f}", ""]
-    rows.append(mean)
+    means = [(f"{group} mean", names, f"{group}_") for group, names in (groups or {}).items()]
+    means = [m for m in means if m[1]] + [("mean", task_names, "")]
+    for label, names, key in means:
+        row = [label] + ([""] if groups else []) + ["", ""]
+        row.append(f"{np.mean([chance[name] for name in names]):.3f}")
+        for split, scalars in splits.items():
+            row += [f"{scalars[f'{split}/{key}mean_accuracy']:.3f}", ""]
+        rows.append(row)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True))
         for r in [header] + rows
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    lines.insert(len(lines) - 1, lines[1])
+    lines.insert(len(lines) - len(means), lines[1])
     return "\n".join(lines)

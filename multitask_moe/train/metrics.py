@@ -79,9 +79,14 @@ class TrainMeter:
 
 
 def per_task_eval(
-    sums: Mapping[str, np.ndarray], task_names: Sequence[str], prefix: str
+    sums: Mapping[str, np.ndarray],
+    task_names: Sequence[str],
+    prefix: str,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, float]:
-    """Eval sums (see step.make_eval_step) -> `<prefix>/<task>/accuracy|loss` scalars."""
+    """Eval sums (see step.make_eval_step) -> `<prefix>/<task>/accuracy|loss` scalars,
+    `<prefix>/mean_accuracy`, and `<prefix>/<group>_mean_accuracy` for each group of
+    tasks (e.g. {"seen": [...], "new": [...]} of a warm-started run)."""
     out = {}
     accuracies = []
     for index, name in enumerate(task_names):
@@ -93,6 +98,11 @@ def per_task_eval(
         out[f"{prefix}/{name}/num_examples"] = count
         accuracies.append(out[f"{prefix}/{name}/accuracy"])
     out[f"{prefix}/mean_accuracy"] = float(np.mean(accuracies))
+    for group, names in (groups or {}).items():
+        if names:
+            out[f"{prefix}/{group}_mean_accuracy"] = float(
+                np.mean([out[f"{prefix}/{name}/accuracy"] for name in names])
+            )
     return out
 
 

@@ -83,6 +83,22 @@ def loaded_config(value, flag_text: str) -> ml_collections.ConfigDict:
     return value
 
 
+def parse_mesh(text: str) -> dict[str, int] | None:
+    """Axis sizes from a --mesh flag such as "data=8,expert=1"; None for ""."""
+    if not text:
+        return None
+    mesh = {}
+    for item in text.split(","):
+        name, sep, size = item.partition("=")
+        try:
+            mesh[name.strip()] = int(size)
+        except ValueError:
+            sep = ""
+        if not sep:
+            fail(f"--mesh={text!r}: {item!r} is not axis=size (e.g. data=8,expert=1)")
+    return mesh
+
+
 def configure_jax(config: ml_collections.ConfigDict) -> None:
     """Platform, simulated CPU devices and multi-host start-up, before JAX starts."""
     import jax

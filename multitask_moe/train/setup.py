@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +19,17 @@ import ml_collections
 import optax
 
 from multitask_moe import data, models, parallel
-from multitask_moe.train import config_lib
+from multitask_moe.train import config_lib, nearest, warm_start
 from multitask_moe.train.state import StateSpec, make_optimizer, state_spec
 from multitask_moe.train.step import (
     AUX_LOSSES,
+    EVAL_KEYS,
     TASK_WEIGHTINGS,
+    TRAIN_KEYS,
     LossSettings,
     make_eval_step,
     make_train_step,
 )
-
-TRAIN_KEYS = ("inputs", "mask", "label", "task_id")
-EVAL_KEYS = TRAIN_KEYS + ("valid",)
 
 
 class ConfigError(ValueError):
@@ -49,8 +49,9 @@ class Experiment:
     token_shape: tuple[int, int]
     model: Model
     train_step: Callable | None  # compiled: (state, batch) -> (state, metrics)
-    eval_step: Callable  # compiled: (state, batch) -> per-task sums
+    eval_step: Callable | None  # compiled: (state, batch) -> per-task sums
     compile_seconds: float  # of the train step
+    warm_start: Any = None  # warm_start.Source of a run started from another (init_from)
 
 
 def _check_int(config, name: str, minimum: int) -> None:
@@ -80,11 +81,19 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"task_weighting={config.task_weighting!r} is not allowed; allowed: {TASK_WEIGHTINGS}"
         )
+    if config.freeze not in models.FREEZE_MODES:
+        raise ConfigError(
+            f"freeze={config.freeze!r} is not allowed; allowed: {models.FREEZE_MODES}"
+        )
+    _check_int(config, "nearest_examples", 2 * nearest.FOLDS)
 
 
 def task_weights_of(config: ml_collections.ConfigDict) -> dict[str, float]:
     """The mixture's task -> weight, each task known to the data registry."""
-    weights = config_lib.parse_weights(config.data.tasks, "data.tasks")
+    try:
+        weights, _ = config_lib.parse_tasks(config.data.tasks)
+    except ValueError as error:
+        raise ConfigError(_one_line(error)) from None
     if not weights:
         raise ConfigError("data.tasks is empty; give 'name=weight, ...' (e.g. 'digits/class=1')")
     for name, weight in weights.items():
@@ -166,6 +175,7 @@ class Model:
     loss_settings: LossSettings
     train_fn: Callable[[dict, dict], tuple[dict, dict]]
     eval_fn: Callable[[dict, dict], dict]
+    trainable: Any = None  # {"params", "model_state"} masks (models.trainable_mask), or None
 
 
 def build(
@@ -175,9 +185,11 @@ def build(
     task_num_classes: Sequence[int],
     task_modalities: Sequence[str],
     token_shape: tuple[int, int],
+    trainable_of: Callable[[StateSpec], Any] | None = None,
 ) -> Model:
     """The abstract state and the step functions on `mesh` (a Mesh, or an AbstractMesh to
-    check shapes of a config for hardware that is not here)."""
+    check shapes of a config for hardware that is not here). trainable_of(spec): the
+    masks of the parameters that train (None: all)."""
 
     group_size = routing_group_size(config, mesh, token_shape[0])
 
@@ -202,8 +214,14 @@ def build(
         sparse_layers=spec.sparse_layers,
         task_weighting=config.task_weighting,
     )
+    trainable = None if trainable_of is None else trainable_of(spec)
     train_fn = make_train_step(
-        spec.graphdef, tx, schedule, loss_settings, skip_nonfinite=config.skip_nonfinite_updates
+        spec.graphdef,
+        tx,
+        schedule,
+        loss_settings,
+        skip_nonfinite=config.skip_nonfinite_updates,
+        trainable=trainable,
     )
     eval_fn = make_eval_step(spec.graphdef, len(task_names), spec.sparse_layers)
     return Model(
@@ -213,6 +231,7 @@ def build(
         loss_settings=loss_settings,
         train_fn=train_fn,
         eval_fn=eval_fn,
+        trainable=trainable,
     )
 
 
@@ -232,12 +251,14 @@ def abstract_batch(
     return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding) for key in keys}
 
 
-def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) -> Experiment:
+def prepare(
+    config: ml_collections.ConfigDict, *, compile_train: bool = True, compile_eval: bool = True
+) -> Experiment:
     """Validates `config`, resolves mesh, data and state, and compiles the steps.
 
     Writes nothing; every problem with the config raises ConfigError. compile_train=False
     compiles only the eval step (train_step is then None): for evaluating or extracting
-    a trained model.
+    a trained model; compile_eval=False leaves eval_step None (reading a state only).
     """
     config = config.copy_and_resolve_references()
     # Cheapest checks first: numbers, then the mesh, then the tasks (which open datasets).
@@ -245,23 +266,24 @@ def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) ->
     mesh = check_mesh(config)
     weights = task_weights_of(config)
     try:
-        mixture = data.Mixture(
-            weights,
-            rate=config.data.rate,
-            cap=config.data.cap,
-            temperature=config.data.temperature,
-            image_size=config.data.image_size,
-            patch_size=config.data.patch_size,
-            data_dir=config.data.data_dir,
-            min_token_shape=(config.data.min_tokens, config.data.min_token_width),
-        )
+        plan = warm_start.plan(config, list(weights), lambda source: _mixture(source).token_shape)
     except (KeyError, ValueError, OSError) as error:
-        raise ConfigError(f"data: {_one_line(error)}") from None
+        raise ConfigError(_one_line(error)) from None
+    if plan is not None:  # the source model's input layout: position embeddings match
+        config.data.min_tokens, config.data.min_token_width = plan.token_shape
+    mixture = _mixture(config, weights)
     tasks = mixture.tasks
     task_names = tuple(task.name for task in tasks)
     token_shape = tuple(int(n) for n in mixture.token_shape)
+    if plan is not None and token_shape != plan.token_shape:
+        raise ConfigError(
+            f"init_from={config.init_from!r} was built for inputs of {plan.token_shape[0]} "
+            f"tokens x {plan.token_shape[1]} features, the new tasks need {token_shape[0]} x "
+            f"{token_shape[1]}: warm start needs tasks that fit the source's input layout"
+        )
     sharding = parallel.batch_sharding(mesh)
     try:
+        source = None if plan is None else _source_model(plan, mesh)
         model = build(
             config,
             mesh,
@@ -269,6 +291,9 @@ def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) ->
             [task.num_classes for task in tasks],
             [task.modality for task in tasks],
             token_shape,
+            trainable_of=None
+            if plan is None or config.freeze == "none"
+            else lambda spec: warm_start.trainable(spec, source.spec, plan, config.freeze),
         )
     except ValueError as error:
         # The layer constructors name the bad argument (routing, top_k, dims, dtype, ...).
@@ -298,6 +323,8 @@ def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) ->
                 abstract_batch(config.eval_batch_size, token_shape, EVAL_KEYS, sharding),
             )
             .compile()
+            if compile_eval
+            else None
         )
     return Experiment(
         config=config,
@@ -311,6 +338,43 @@ def prepare(config: ml_collections.ConfigDict, *, compile_train: bool = True) ->
         train_step=train_step,
         eval_step=eval_step,
         compile_seconds=compile_seconds,
+        warm_start=None if plan is None else warm_start.Source(plan, source.spec),
+    )
+
+
+def _mixture(
+    config: ml_collections.ConfigDict, weights: dict[str, float] | None = None
+) -> data.Mixture:
+    """The task mixture of `config` (ConfigError for tasks or settings it cannot build)."""
+    weights = task_weights_of(config) if weights is None else weights
+    try:
+        return data.Mixture(
+            weights,
+            rate=config.data.rate,
+            cap=config.data.cap,
+            temperature=config.data.temperature,
+            image_size=config.data.image_size,
+            patch_size=config.data.patch_size,
+            data_dir=config.data.data_dir,
+            min_token_shape=(config.data.min_tokens, config.data.min_token_width),
+            train_examples=config_lib.parse_tasks(config.data.tasks)[1],
+            subset_seed=config.seed,
+        )
+    except (KeyError, ValueError, OSError) as error:
+        raise ConfigError(f"data: {_one_line(error)}") from None
+
+
+def _source_model(plan: warm_start.Plan, mesh) -> Model:
+    """The abstract model of a warm start's source run, on this run's mesh."""
+    source = plan.config.copy_and_resolve_references()
+    tasks = _mixture(source).tasks
+    return build(
+        source,
+        mesh,
+        [task.name for task in tasks],
+        [task.num_classes for task in tasks],
+        [task.modality for task in tasks],
+        plan.token_shape,
     )
 
 

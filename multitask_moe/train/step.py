@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from multitask_moe.models.freezing import keep_frozen
 from multitask_moe.moe.usage import effective_experts
 
 # Scalar entries of a sparse layer's aux that become losses, by config weight name.
@@ -30,6 +31,10 @@ AUX_LOSSES = {
 # Scalar entries averaged over layers for the logs.
 AUX_STATS = ("dropped_fraction", "router_entropy")
 TASK_WEIGHTINGS = ("fixed", "uncertainty")
+
+# The arrays of a batch the steps read: training, and evaluation (+ which rows are real).
+TRAIN_KEYS = ("inputs", "mask", "label", "task_id")
+EVAL_KEYS = TRAIN_KEYS + ("valid",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +121,16 @@ def make_train_step(
     settings: LossSettings,
     *,
     skip_nonfinite: bool,
+    trainable=None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Returns train_step(state, batch) -> (new state, metrics).
 
     state: {"step", "params", "model_state", "opt_state"}; batch: inputs [B, L, P] f32,
     mask [B, L] bool, label [B] int32, task_id [B] int32. Metrics are device arrays (the
     loop fetches them in bulk, so the host never waits on a step).
+    trainable: None, or {"params": masks, "model_state": masks}, trees of bool masks
+    (models.trainable_mask): frozen parameters get zero gradient (outside the clipped
+    norm) and keep their values exactly; frozen statistics keep theirs.
     """
 
     def loss_fn(params, model_state, batch):
@@ -170,8 +179,16 @@ def make_train_step(
         )
         new_model_state, usage_metrics = record_usage(state["params"], new_model_state, aux)
         metrics.update(usage_metrics)
+        if trainable is not None:
+            zeros = jax.tree.map(jnp.zeros_like, grads)
+            grads = keep_frozen(grads, zeros, trainable["params"])
         updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
+        if trainable is not None:  # p + 0 may flip the sign of a zero: keep the old value
+            new_params = keep_frozen(new_params, state["params"], trainable["params"])
+            new_model_state = keep_frozen(
+                new_model_state, state["model_state"], trainable["model_state"]
+            )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = {

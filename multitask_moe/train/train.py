@@ -21,8 +21,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from multitask_moe import parallel
+from multitask_moe.train import config_lib, loop, plots, warm_start
 from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train import loop, plots
 from multitask_moe.train.checkpoint import Checkpoints
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
@@ -58,12 +58,12 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
     tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
     if chief:
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+        with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
     writer = MetricWriter(workdir, enabled=chief)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     try:
-        state, start_step = _initial_state(experiment, checkpoints)
+        state, start_step = _initial_state(experiment, checkpoints, workdir)
         writer.truncate_after(start_step)
         if chief:
             print(
@@ -84,6 +84,7 @@ def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
                 task_names,
                 spec.sparse_layers,
                 prefix,
+                warm_start.task_groups(experiment),
             )
 
         local_batches = experiment.mixture.iterator(
@@ -184,10 +185,15 @@ def _data_settings(config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def _initial_state(experiment: Experiment, checkpoints: Checkpoints) -> tuple[dict, int]:
-    """(state, step): the workdir's latest checkpoint, or a fresh state at step 0."""
+def _initial_state(
+    experiment: Experiment, checkpoints: Checkpoints, workdir: str
+) -> tuple[dict, int]:
+    """(state, step): the workdir's latest checkpoint, or at step 0 a fresh state or the
+    warm start from config.init_from (a run always resumes from its own checkpoints)."""
     config, spec = experiment.config, experiment.model.spec
     step = checkpoints.latest_step()
+    if step is None and experiment.warm_start is not None:
+        return warm_start.initial_state(experiment, workdir), 0
     if step is None:
         return create_state(spec, config.seed), 0
     if step > config.num_train_steps:
@@ -267,7 +273,11 @@ def _report(experiment: Experiment, workdir: str, splits, routing, usage) -> Non
                 )
             )
     table = evaluate_lib.results_table(
-        task_names, experiment.task_num_classes, experiment.task_modalities, splits
+        task_names,
+        experiment.task_num_classes,
+        experiment.task_modalities,
+        splits,
+        warm_start.task_groups(experiment),
     )
     with tf.io.gfile.GFile(os.path.join(workdir, "results.txt"), "w") as f:
         f.write(table + "\n")

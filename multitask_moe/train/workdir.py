@@ -17,9 +17,8 @@ import ml_collections
 import tensorflow as tf
 
 from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train.config_lib import CONFIG_FILE
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
-
-CONFIG_FILE = "config.json"
 
 
 class WorkdirError(ValueError):
@@ -52,17 +51,21 @@ def restore(
     config: ml_collections.ConfigDict | None = None,
     *,
     mesh: dict[str, int] | None = None,
+    compile_eval: bool = True,
 ) -> Restored:
     """Restores the latest checkpoint of `directory` (config: its config.json by default;
-    mesh: axis sizes replacing config.mesh, e.g. {"data": 8, "expert": 1})."""
+    mesh: axis sizes replacing config.mesh, e.g. {"data": 8, "expert": 1}; compile_eval:
+    False when only the state is wanted)."""
     config = load_config(directory) if config is None else config
     checkpoint_dir = os.path.join(directory, "checkpoints")
     if not tf.io.gfile.isdir(checkpoint_dir):
         raise WorkdirError(f"{directory} holds no checkpoint (no {checkpoint_dir})")
+    config = config.copy_and_resolve_references()
     if mesh is not None:
-        config = config.copy_and_resolve_references()
         config.mesh = ml_collections.ConfigDict(dict(mesh))
-    experiment = prepare(config, compile_train=False)
+    # A warm-started run restores from its own checkpoint: its source need not exist.
+    config.init_from, config.new_task_init, config.freeze = "", "scratch", "none"
+    experiment = prepare(config, compile_train=False, compile_eval=compile_eval)
     checkpoints = Checkpoints(checkpoint_dir, keep=config.keep_checkpoints, enable_async=False)
     try:
         step = checkpoints.latest_step()
