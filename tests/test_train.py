@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -309,6 +310,21 @@ def test_bad_configs_fail_with_one_line_and_write_nothing(tmp_path):
         assert len(errors) == 1 and expected in errors[0], (name, stderr)
         assert "Traceback" not in stderr, (name, stderr)
         assert not workdir.exists(), name
+
+
+def test_a_second_run_in_a_busy_workdir_stops_before_writing(experiment, tmp_path):
+    """A live run owns the workdir (its lock names a live process): the second run stops
+    with one line naming it, and writes nothing (no config.json over the first run's)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": sleeper.pid, "started": 0.0}
+        (tmp_path / "run.lock").write_text(json.dumps(lock))
+        with pytest.raises(ConfigError, match=f"another run \\(pid {sleeper.pid} on this host"):
+            run(experiment, str(tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_prepare_raises_config_error_for_a_bad_routing():

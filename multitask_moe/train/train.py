@@ -25,6 +25,7 @@ from multitask_moe.train import config_lib, loop, plots, warm_start
 from multitask_moe.train import evaluate as evaluate_lib
 from multitask_moe.train.checkpoint import Checkpoints
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
+from multitask_moe.train.run_lock import RunLock
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
 from multitask_moe.train.state import count_params, create_state
 
@@ -52,11 +53,17 @@ def run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
 
 def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
+    chief = jax.process_index() == 0
+    tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
+    # Before anything is written: a second run in this workdir stops here, naming the first.
+    with RunLock(workdir, enabled=chief):
+        return _run_locked(experiment, workdir)
+
+
+def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
     config, spec, task_names = experiment.config, experiment.model.spec, experiment.task_names
     chief = jax.process_index() == 0
     batch_sharding = parallel.batch_sharding(experiment.mesh)
-
-    tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
     if chief:
         with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
