@@ -117,7 +117,10 @@ def test_warm_start_keeps_seen_rows_by_name_and_starts_new_tasks_as_asked(source
     assert os.path.exists(os.path.join(workdir, "warm_start.json"))
 
 
-@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+@pytest.mark.parametrize(
+    "mode",
+    ["capacity", pytest.param("dropless", marks=pytest.mark.slow)],  # slow: +50 s
+)
 def test_shared_freeze_keeps_seen_tasks_bit_identical(
     mode, source, source_dropless, tmp_path, capsys
 ):

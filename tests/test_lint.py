@@ -20,11 +20,15 @@ def test_make_lint_passes():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # The package's floors, bottom-up: the sparse layers sit on parallel, below the models.
-    floors = [
-        line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith("floor")
-    ]
-    assert floors.index("moe") > floors.index("data, parallel")
-    assert floors.index("models") > floors.index("moe")
+    floor_of = {
+        name: int(line.split(":")[0].split()[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("floor")
+        for name in line.split(": ")[1].split(", ")
+    }
+    assert floor_of["moe"] > max(floor_of["data"], floor_of["parallel"])
+    assert floor_of["models"] > floor_of["moe"]
+    assert floor_of["lifecycle"] > floor_of["train"] > floor_of["models"]
 
 
 def write_package(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
