@@ -114,7 +114,7 @@ class Task:
 
         Raises ValueError unless 1 <= num_examples <= the train split's size.
         """
-        available = self.with_all_examples().num_examples("train")
+        available = self._split_size("train")
         if (
             isinstance(num_examples, bool)
             or not isinstance(num_examples, int | np.integer)
@@ -126,15 +126,17 @@ class Task:
             )
         return dataclasses.replace(self, train_limit=int(num_examples), limit_seed=int(seed))
 
-    def with_all_examples(self) -> Task:
-        return dataclasses.replace(self, train_limit=None, limit_seed=0)
+    def _split_size(self, split: str) -> int:
+        """Examples stored in the split, whatever the limit."""
+        return int(self.builder().as_dataset(split=self.tfds_split(split)).cardinality())
 
     def train_subset(self) -> np.ndarray:
-        """Sorted indices int64 [train_limit] of the examples a limited task trains on."""
-        available = self.with_all_examples().num_examples("train")
-        digest = zlib.crc32(self.name.encode())
-        rng = np.random.default_rng([self.limit_seed, digest])
-        return np.sort(rng.choice(available, self.train_limit, replace=False))
+        """bool [size of the train split]: the examples a limited task trains on."""
+        available = self._split_size("train")
+        rng = np.random.default_rng([self.limit_seed, zlib.crc32(self.name.encode())])
+        chosen = np.zeros(available, bool)
+        chosen[rng.choice(available, self.train_limit, replace=False)] = True
+        return chosen
 
     def tfds_split(self, split: str) -> str:
         """The TFDS split string behind our `split`; ValueError if the task lacks it."""
@@ -156,8 +158,7 @@ class Task:
         """Examples in the whole split (all processes together)."""
         if split == "train" and self.train_limit is not None:
             return self.train_limit
-        dataset = self.builder().as_dataset(split=self.tfds_split(split))
-        return int(dataset.cardinality())
+        return self._split_size(split)
 
     def num_tokens(self, image_size: int, patch_size: int) -> int:
         """Tokens per example: (image_size / patch_size)^2 patches, or F features."""
@@ -207,9 +208,7 @@ class Task:
         if subset:
             # One pass over the whole split keeps the chosen examples; each process then
             # takes its share of them (the subset is small: the mixture caches it).
-            chosen = np.zeros(self.with_all_examples().num_examples("train"), bool)
-            chosen[self.train_subset()] = True
-            chosen = tf.constant(chosen)
+            chosen = tf.constant(self.train_subset())
             source = (
                 source.enumerate()
                 .filter(lambda index, _: tf.gather(chosen, index))

@@ -236,14 +236,7 @@ def restore_target(
     )
     state = dict(fresh, step=fresh["step"] + source.step)
     for part in ("params", "model_state"):
-        values = models.transplant(
-            nnx.to_pure_dict(source_values[part]),
-            nnx.to_pure_dict(jax.device_get(fresh[part])),
-            tags,
-            rows,
-        )
-        tree = jax.tree.map(lambda x: x, fresh[part])  # a copy to fill
-        nnx.replace_by_pure_dict(tree, values)
+        tree = models.transplant_state(source_values[part], jax.device_get(fresh[part]), tags, rows)
         state[part] = jax.device_put(tree, spec.shardings[part])
     checkpoints = Checkpoints(
         os.path.join(directory, "checkpoints"), keep=config.keep_checkpoints, enable_async=False

@@ -16,7 +16,7 @@ from multitask_moe.models.model import (
     sparse_layer_path,
 )
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
-from multitask_moe.models.transplant import RowMap, axis_tags, transplant
+from multitask_moe.models.transplant import RowMap, axis_tags, transplant, transplant_state
 from multitask_moe.moe import MoASettings, MoESettings
 
 __all__ = [
@@ -36,4 +36,5 @@ __all__ = [
     "sparse_layer_path",
     "trainable_mask",
     "transplant",
+    "transplant_state",
 ]

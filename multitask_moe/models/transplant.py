@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -122,6 +123,14 @@ def transplant(
             )
         out[path] = value.astype(fresh.dtype)
     return traverse_util.unflatten_dict(out)
+
+
+def transplant_state(source: nnx.State, target: nnx.State, tags, rows: RowMap) -> nnx.State:
+    """`transplant` on nnx.States (host values): a copy of `target` filled from `source`."""
+    values = transplant(nnx.to_pure_dict(source), nnx.to_pure_dict(target), tags, rows)
+    filled = jax.tree.map(lambda leaf: leaf, target)  # a copy: `target` stays as it is
+    nnx.replace_by_pure_dict(filled, values)
+    return filled
 
 
 def _task_and_class_rows(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import typing
 from collections.abc import Mapping
@@ -166,6 +167,17 @@ def parse_arg(arg: str | None, **defaults):
         else:
             values[key] = type(default)(text.strip())
     return ml_collections.ConfigDict(values)
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict | None:
+    """The config a run (or an extraction) wrote to directory/config.json; None if none."""
+    import tensorflow as tf  # for gs:// paths; here, since config files import this module
+
+    path = os.path.join(directory, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -59,7 +59,7 @@ def predictions_fn(graphdef: nnx.GraphDef, mesh):
     return jax.jit(run, out_shardings=(replicated, replicated, replicated))
 
 
-def candidate_features(
+def candidate_predictions(
     forward, state: dict, batches: Sequence[dict], candidates: Sequence[int], limit: int
 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """({candidate: predicted distribution float32 [N, C]}, labels int32 [N]) of the first

@@ -15,7 +15,6 @@ that run is known to be dead. Only process 0 of a multi-process run takes the lo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
@@ -25,8 +24,6 @@ import tensorflow as tf
 from multitask_moe.train.setup import ConfigError
 
 LOCK_FILE = "run.lock"
-
-logger = logging.getLogger(__name__)
 
 
 class RunLockError(ConfigError):
@@ -92,12 +89,6 @@ class RunLock:
         host, pid = other.get("host"), other.get("pid")
         mine = host == self.owner["host"]
         if not other or (mine and isinstance(pid, int) and not _alive(pid)):
-            logger.warning(
-                "%s: taking over a stale lock of %s pid %s (that run is gone)",
-                self.path,
-                host,
-                pid,
-            )
             print(f"Taking over {self.path}: the run that left it (pid {pid}) is gone.")
             return
         started = other.get("started")

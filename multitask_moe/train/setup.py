@@ -266,7 +266,7 @@ def prepare(
     mesh = check_mesh(config)
     weights = task_weights_of(config)
     try:
-        plan = warm_start.plan(config, list(weights), lambda source: _mixture(source).token_shape)
+        plan = warm_start.plan(config, list(weights), _mixture)
     except (KeyError, ValueError, OSError) as error:
         raise ConfigError(_one_line(error)) from None
     if plan is not None:  # the source model's input layout: position embeddings match
@@ -366,10 +366,9 @@ def _mixture(
 
 def _source_model(plan: warm_start.Plan, mesh) -> Model:
     """The abstract model of a warm start's source run, on this run's mesh."""
-    source = plan.config.copy_and_resolve_references()
-    tasks = _mixture(source).tasks
+    tasks = plan.seen_tasks
     return build(
-        source,
+        plan.config.copy_and_resolve_references(),
         mesh,
         [task.name for task in tasks],
         [task.num_classes for task in tasks],

@@ -48,18 +48,23 @@ class Plan:
     """What a warm start does, decided from the configs alone.
 
     directory: the source workdir; step: its latest checkpoint; config: its config.
-    seen_tasks: the source's task names in its order. new_tasks: ids (in the new run's
-    task order) of the tasks the source does not have. inits: {new task name: "scratch"
-    | "nearest" | a seen task name}. token_shape: the source's input layout (pinned).
+    seen_tasks: the source's tasks (data.Task) in its order. new_tasks: ids (in the new
+    run's task order) of the tasks the source does not have. inits: {new task name:
+    "scratch" | "nearest" | a seen task name}. token_shape: the source's input layout
+    (pinned).
     """
 
     directory: str
     step: int
     config: ml_collections.ConfigDict
-    seen_tasks: tuple[str, ...]
+    seen_tasks: tuple
     new_tasks: tuple[int, ...]
     inits: Mapping[str, str]
     token_shape: tuple[int, int]
+
+    @property
+    def seen_names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.seen_tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +78,11 @@ class Source:
 
 def read_source(directory: str) -> tuple[ml_collections.ConfigDict, int]:
     """(config, latest step) of the run in `directory`; WarmStartError when there is none."""
-    path = os.path.join(directory, config_lib.CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
+    config = config_lib.read_config(directory)
+    if config is None:
         raise WarmStartError(
             f"init_from={directory!r} has no {config_lib.CONFIG_FILE}: not a training run"
         )
-    with tf.io.gfile.GFile(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
     checkpoint_dir = os.path.join(directory, "checkpoints")
     step = None
     if tf.io.gfile.isdir(checkpoint_dir):
@@ -153,10 +156,10 @@ def parse_inits(text: str, new_tasks: Sequence[str], seen_tasks: Sequence[str]) 
 def plan(
     config: ml_collections.ConfigDict,
     task_names: Sequence[str],
-    source_token_shape,
+    source_mixture,
 ) -> Plan | None:
     """The warm start of `config` (None without init_from); WarmStartError for a source
-    that cannot start this run. source_token_shape(source config) -> its (L, P)."""
+    that cannot start this run. source_mixture(source config) -> its data.Mixture."""
     if not config.init_from:
         if config.freeze != "none":
             raise WarmStartError(
@@ -178,7 +181,8 @@ def plan(
                 f"{key} ({_field(source, key)!r} -> {_field(config, key)!r})" for key in differing
             )
         )
-    seen = tuple(config_lib.parse_tasks(source.data.tasks)[0])
+    mixture = source_mixture(source)
+    seen = tuple(task.name for task in mixture.tasks)
     new_ids = tuple(i for i, name in enumerate(task_names) if name not in seen)
     new_names = [task_names[i] for i in new_ids]
     if config.freeze == "shared" and not new_ids:
@@ -191,10 +195,10 @@ def plan(
         directory=config.init_from,
         step=step,
         config=source,
-        seen_tasks=seen,
+        seen_tasks=tuple(mixture.tasks),
         new_tasks=new_ids,
         inits=inits,
-        token_shape=tuple(int(n) for n in source_token_shape(source)),
+        token_shape=tuple(int(n) for n in mixture.token_shape),
     )
 
 
@@ -213,7 +217,7 @@ def row_map(
     """(parameter rows, statistic rows): seen tasks read their own source row; a new
     task reads the row of the seen task it starts from (`starts`, None: fresh), except its
     head (class axis), and its statistics always start fresh."""
-    source_id = {name: i for i, name in enumerate(plan.seen_tasks)}
+    source_id = {name: i for i, name in enumerate(plan.seen_names)}
     params, stats = [], []
     for name in task_names:
         if name in source_id:
@@ -235,12 +239,7 @@ def fill_state(fresh: dict, source: dict, tags, maps: tuple[models.RowMap, model
     (both host values); step and optimizer state stay fresh."""
     state = dict(fresh)
     for part, rows in zip(("params", "model_state"), maps, strict=True):
-        values = models.transplant(
-            nnx.to_pure_dict(source[part]), nnx.to_pure_dict(fresh[part]), tags, rows
-        )
-        tree = jax.tree.map(lambda x: x, fresh[part])
-        nnx.replace_by_pure_dict(tree, values)
-        state[part] = tree
+        state[part] = models.transplant_state(source[part], fresh[part], tags, rows)
     return state
 
 
@@ -280,12 +279,12 @@ def initial_state(experiment, workdir: str) -> dict:
         **models.axis_tags(spec.abstract["model_state"]),
     }
     starts = {
-        name: (rule if rule in plan.seen_tasks else None) for name, rule in plan.inits.items()
+        name: (rule if rule in plan.seen_names else None) for name, rule in plan.inits.items()
     }
     record = {
         "init_from": plan.directory,
         "step": plan.step,
-        "seen_tasks": [name for name in task_names if name in plan.seen_tasks],
+        "seen_tasks": [name for name in task_names if name in plan.seen_names],
         "new_tasks": {},
     }
     wanted = [name for name, rule in plan.inits.items() if rule == "nearest"]
@@ -321,7 +320,7 @@ def _nearest_scores(experiment, state: dict, wanted: Sequence[str]) -> dict[str,
     """{new task: {seen task: probe score}} with the seen tasks' rows already in `state`."""
     config, task_names = experiment.config, experiment.task_names
     plan = experiment.warm_start.plan
-    candidates = [i for i, name in enumerate(task_names) if name in plan.seen_tasks]
+    candidates = [i for i, name in enumerate(task_names) if name in plan.seen_names]
     forward = nearest.predictions_fn(experiment.model.spec.graphdef, experiment.mesh)
     sharding = parallel.batch_sharding(experiment.mesh)
     out = {}
@@ -335,7 +334,7 @@ def _nearest_scores(experiment, state: dict, wanted: Sequence[str]) -> dict[str,
             count += int(np.sum(batch["valid"])) * jax.process_count()
             if count >= config.nearest_examples:
                 break
-        features, labels = nearest.candidate_features(
+        features, labels = nearest.candidate_predictions(
             forward, state, batches, candidates, config.nearest_examples
         )
         out[name] = nearest.scores(

@@ -9,7 +9,6 @@ restored onto that model's shardings.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -17,7 +16,7 @@ import ml_collections
 import tensorflow as tf
 
 from multitask_moe.train.checkpoint import Checkpoints
-from multitask_moe.train.config_lib import CONFIG_FILE
+from multitask_moe.train.config_lib import CONFIG_FILE, read_config
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
 
 
@@ -39,11 +38,10 @@ class Restored:
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
     """The config a run (or an extraction) wrote to `directory`."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
+    config = read_config(directory)
+    if config is None:
         raise WorkdirError(f"{directory} has no {CONFIG_FILE}: not a training workdir or model")
-    with tf.io.gfile.GFile(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return config
 
 
 def restore(
