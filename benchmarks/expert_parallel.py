@@ -1,18 +1,24 @@
-"""Expert-parallel MoE: all-to-all bytes from the compiled HLO, and step time on 8 devices.
+"""Expert-parallel MoE: the bytes each exchange moves (compiled HLO), and step times.
 
     python benchmarks/expert_parallel.py --out=benchmarks/results/expert_parallel.json
 
-On a simulated 8-device CPU platform (set here, before jax is imported), for one MoE
-layer forward:
-  bytes   all-to-all bytes in the compiled program (per-device result sizes x devices)
-  minimum 2 x tokens x K x cf x d_model x bytes per element (each kept slot out and back)
-  ratio   bytes / minimum: 1.0 means no padding and no hidden extra collectives. Dropless
-          pays E / K by design (C = S slots per expert, multitask_moe/parallel/
-          expert_parallel.py), reported against the cf = 1 minimum.
-and, for information, the forward+backward step time on the mesh vs one device (median
-of --runs alternating pairs after warm-up). The 8 simulated devices share the host's
-cores, so this time says nothing about real accelerators; it shows the sharded program
-runs at all, and its overhead.
+On a simulated 8-device CPU platform (set here, before jax is imported), for one MoE layer
+on each mesh of --meshes (data x expert), every routing mode and exchange:
+  capacity 1.0 and 1.25 with the all-to-all of slots; dropless with the all-to-all of
+  C = S slots, the ring (all-gather, local experts, reduce-scatter) and the ragged
+  all-to-all (GPU/TPU only: on CPU its bytes come from the routing of the benchmark
+  input, which is exactly what it sends, and it has no step time).
+bytes    what one device sends over links in the forward's exchange collectives, from
+         the compiled HLO: (n - 1) / n of an all-to-all's or all-gather's result and
+         (n - 1) x a reduce-scatter's result, for an expert axis of n (the routing
+         statistics' all-reduce over the batch axes is not counted)
+minimum  2 x (n - 1) / n x tokens x K x d_model x bytes per element: each routed row
+         leaves its device (uniform routing) and its output comes back, no padding
+step     forward+backward step time on the mesh, median over --runs rounds in which
+         every mode runs once (so machine load hits them alike), and its ratio to the
+         capacity-1.25 step (median of the per-round ratios).
+The 8 simulated devices share the host's cores: times say how much work each program
+does and what its collectives cost in copies, not how it would run on accelerators.
 """
 
 from __future__ import annotations
@@ -46,7 +52,18 @@ from multitask_moe.parallel import hlo  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-def build(args, capacity_factor):
+MODES = (  # (label, capacity factor, exchange)
+    ("cf 1.0", 1.0, "all_to_all"),
+    ("cf 1.25", 1.25, "all_to_all"),
+    ("dropless a2a", None, "all_to_all"),
+    ("dropless ring", None, "ring"),
+    ("dropless ragged", None, "ragged"),
+)
+EXCHANGE_OPS = ("all-to-all", "all-gather", "reduce-scatter")
+BASELINE = "cf 1.25"
+
+
+def build(args, capacity_factor, exchange):
     return mtm.MoE(
         args.d_model,
         args.d_hidden,
@@ -55,26 +72,54 @@ def build(args, capacity_factor):
         routing="tokens",
         capacity_factor=capacity_factor,
         group_size=args.length,
+        exchange=exchange,
         rngs=nnx.Rngs(0),
     )
 
 
-def all_to_all_bytes(args, capacity_factor, mesh) -> tuple[int, int, dict[str, int]]:
-    """(all-to-all bytes over all devices, their count, collective counts) of a forward."""
+def inputs(args):
+    return jax.random.normal(jax.random.key(1), (args.batch, args.length, args.d_model))
+
+
+def link_bytes(text: str, expert_shards: int) -> tuple[int, dict[str, int]]:
+    """(bytes one device sends in the exchange collectives, op counts) of compiled HLO."""
+    n = expert_shards
+    sent = 0.0
+    for kind in EXCHANGE_OPS:
+        for size in hlo.collective_bytes(text, kind):
+            sent += size * (n - 1) if kind == "reduce-scatter" else size * (n - 1) / n
+    return round(sent), hlo.collective_counts(text)
+
+
+def ragged_link_bytes(args, mesh) -> int:
+    """Bytes the ragged exchange sends from the busiest device for the benchmark input:
+    the rows routed to experts on other devices, out and back (what it sends exactly)."""
+    layer = build(args, None, "all_to_all")
+    x = inputs(args)
+    probs = jax.nn.softmax(layer.router(x, None), axis=-1)  # [B, L, E]
+    experts = jax.lax.top_k(probs, args.top_k)[1]  # [B, L, K]
+    n = mesh.shape["expert"]
+    per_device = args.batch // mesh.size
+    device = jnp.arange(args.batch) // per_device  # [B]: the device routing example b
+    leaves = experts // (args.experts // n) != (device % n)[:, None, None]  # expert innermost
+    rows_out = jnp.sum(leaves.reshape(mesh.size, -1), axis=1)  # [devices]
+    return int(2 * jnp.max(rows_out) * args.d_model * 4)
+
+
+def exchange_bytes(args, capacity_factor, exchange, mesh) -> tuple[int | None, dict]:
     with jax.set_mesh(mesh):
-        graphdef, state = nnx.split(build(args, capacity_factor))
+        graphdef, state = nnx.split(build(args, capacity_factor, exchange))
         x = jnp.zeros((args.batch, args.length, args.d_model), jnp.float32)
         forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
         text = forward.lower(state, x).compile().as_text()
-    per_device = hlo.collective_bytes(text, "all-to-all")
-    return sum(per_device) * mesh.size, len(per_device), hlo.collective_counts(text)
+    return link_bytes(text, mesh.shape["expert"])
 
 
-def make_step(args, capacity_factor, mesh):
+def make_step(args, capacity_factor, exchange, mesh):
     """A jitted forward+backward of the layer, and its arguments (on the mesh if given)."""
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        graphdef, state = nnx.split(build(args, capacity_factor))
-    x = jax.random.normal(jax.random.key(1), (args.batch, args.length, args.d_model))
+        graphdef, state = nnx.split(build(args, capacity_factor, exchange))
+    x = inputs(args)
     if mesh is not None:
         x = jax.device_put(x, parallel.batch_sharding(mesh))
 
@@ -93,26 +138,68 @@ def make_step(args, capacity_factor, mesh):
     return call
 
 
-def step_times(args, capacity_factor, mesh) -> tuple[float, float, float]:
-    """(median s on the mesh, median s on one device, median of per-pair ratios).
-
-    The two alternate, so drifts in machine load (a shared host) hit both sides alike.
-    """
-    sharded, single = make_step(args, capacity_factor, mesh), make_step(args, capacity_factor, None)
-    for _ in range(2):  # compile, warm up
-        sharded(), single()
-    sharded_times, single_times = [], []
+def step_times(args, steps: dict) -> dict[str, list[float]]:
+    """label -> seconds per round; every step runs once per round, in turn."""
+    for call in steps.values():  # compile, warm up
+        call(), call()
+    times = {label: [] for label in steps}
     for _ in range(args.runs):
-        for call, times in ((single, single_times), (sharded, sharded_times)):
+        for label, call in steps.items():
             start = time.perf_counter()
             call()
-            times.append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(sharded_times, single_times, strict=True)]
-    return (
-        statistics.median(sharded_times),
-        statistics.median(single_times),
-        statistics.median(ratios),
-    )
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def measure_mesh(args, mesh_text: str) -> list[dict]:
+    data, expert = (int(n) for n in mesh_text.split("x"))
+    mesh = parallel.make_mesh({"data": data, "expert": expert})
+    tokens_here, element = args.batch * args.length // mesh.size, 4  # float32
+    minimum = 2 * (expert - 1) / expert * tokens_here * args.top_k * args.d_model * element
+    runnable = {label: mode for label, *mode in MODES}
+    if jax.default_backend() == "cpu":
+        runnable.pop("dropless ragged")  # XLA has no CPU ragged all-to-all
+    steps = {
+        label: make_step(args, cf, exchange, mesh) for label, (cf, exchange) in runnable.items()
+    }
+    steps["one device, cf 1.25"] = make_step(args, 1.25, "auto", None)
+    steps["one device, dropless"] = make_step(args, None, "auto", None)
+    times = step_times(args, steps)
+    rows = []
+    for label, cf, exchange in MODES:
+        if label in runnable:
+            sent, counts = exchange_bytes(args, cf, exchange, mesh)
+            note = "compiled HLO"
+        else:
+            sent, counts = ragged_link_bytes(args, mesh), None
+            note = "rows routed off-device (no CPU lowering)"
+        step = statistics.median(times[label]) if label in times else None
+        ratio = (
+            statistics.median(a / b for a, b in zip(times[label], times[BASELINE], strict=True))
+            if label in times
+            else None
+        )
+        rows.append(
+            {
+                "mesh": mesh_text,
+                "mode": label,
+                "capacity_factor": cf,
+                "exchange": exchange,
+                "collectives": counts,
+                "bytes_sent_per_device": sent,
+                "bytes_source": note,
+                "minimum_bytes": minimum,
+                "bytes_ratio": sent / minimum,
+                "step_s": step,
+                "step_ratio_vs_cf_1_25": ratio,
+            }
+        )
+    one_device = {
+        label: statistics.median(times[label]) for label in times if label.startswith("one")
+    }
+    for row in rows:
+        row["step_s_one_device"] = one_device
+    return rows
 
 
 def main() -> None:
@@ -127,49 +214,42 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--mesh", default="2x4", help="data x expert, e.g. 2x4 or 1x8")
+    parser.add_argument("--meshes", default="2x4,1x8", help="data x expert, comma-separated")
     args = parser.parse_args()
-    data, expert = (int(n) for n in args.mesh.split("x"))
-    mesh = parallel.make_mesh({"data": data, "expert": expert})
-    tokens, element = args.batch * args.length, 4  # float32
 
     rows = []
-    for capacity_factor in (1.0, 1.25, None):
-        moved, count, counts = all_to_all_bytes(args, capacity_factor, mesh)
-        minimum = 2 * tokens * args.top_k * (capacity_factor or 1.0) * args.d_model * element
-        sharded, single, ratio = step_times(args, capacity_factor, mesh)
-        rows.append(
-            {
-                "capacity_factor": capacity_factor,
-                "all_to_all_ops": count,
-                "all_gather_ops": counts["all-gather"],
-                "all_to_all_bytes": moved,
-                "minimum_bytes": minimum,
-                "bytes_ratio": moved / minimum,
-                "step_s_mesh": sharded,
-                "step_s_one_device": single,
-                "step_ratio_mesh_vs_one_device": ratio,
-            }
+    for mesh_text in args.meshes.split(","):
+        rows += measure_mesh(args, mesh_text)
+    a2a = {r["mesh"]: r for r in rows if r["mode"] == "dropless a2a"}
+    for row in rows:
+        row["bytes_vs_dropless_a2a"] = (
+            row["bytes_sent_per_device"] / a2a[row["mesh"]]["bytes_sent_per_device"]
         )
 
     print(
-        f"MoE forward on mesh data={data} x expert={expert}: tokens={tokens} "
-        f"D={args.d_model} H={args.d_hidden} E={args.experts} K={args.top_k} "
-        f"group={args.length}, float32, simulated CPU devices"
+        f"MoE layer, tokens={args.batch * args.length} D={args.d_model} H={args.d_hidden} "
+        f"E={args.experts} K={args.top_k} group={args.length}, float32, simulated CPU devices"
     )
     print(
-        f"{'cf':>8} {'a2a ops':>7} {'a2a bytes':>11} {'minimum':>11} {'ratio':>6} "
-        f"{'step mesh':>10} {'step 1 dev':>10} {'ratio':>6}"
+        f"{'mesh':>5} {'mode':>16} {'bytes/dev':>10} {'/minimum':>8} {'/C=S a2a':>8} "
+        f"{'step':>9} {'/cf 1.25':>8}"
     )
     for row in rows:
-        label = "dropless" if row["capacity_factor"] is None else f"{row['capacity_factor']}"
-        print(
-            f"{label:>8} {row['all_to_all_ops']:>7} {row['all_to_all_bytes']:>11,} "
-            f"{row['minimum_bytes']:>11,.0f} {row['bytes_ratio']:>6.2f} "
-            f"{row['step_s_mesh'] * 1e3:>8.1f}ms {row['step_s_one_device'] * 1e3:>8.1f}ms "
-            f"{row['step_ratio_mesh_vs_one_device']:>6.2f}"
+        step = "-" if row["step_s"] is None else f"{row['step_s'] * 1e3:.1f}ms"
+        ratio = (
+            "-" if row["step_ratio_vs_cf_1_25"] is None else f"{row['step_ratio_vs_cf_1_25']:.2f}"
         )
-    result = {"config": {**vars(args), "tokens": tokens, "devices": mesh.size}, "rows": rows}
+        print(
+            f"{row['mesh']:>5} {row['mode']:>16} {row['bytes_sent_per_device']:>10,} "
+            f"{row['bytes_ratio']:>8.2f} {row['bytes_vs_dropless_a2a']:>8.2f} {step:>9} {ratio:>8}"
+        )
+    for mesh_text in args.meshes.split(","):
+        one = next(r for r in rows if r["mesh"] == mesh_text)["step_s_one_device"]
+        print(
+            f"{mesh_text}: one device, "
+            + ", ".join(f"{k}: {v * 1e3:.1f}ms" for k, v in one.items())
+        )
+    result = {"config": {**vars(args), "platform": jax.default_backend()}, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

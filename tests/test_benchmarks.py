@@ -44,7 +44,8 @@ def _run(script: str, out, *args: str, timeout: int = 300) -> dict:
         ),
         (
             "expert_parallel.py",
-            ["--batch=8", "--length=16", "--d_model=16", "--d_hidden=32", "--runs=1"],
+            ["--batch=8", "--length=16", "--d_model=16", "--d_hidden=32", "--runs=1"]
+            + ["--meshes=2x4"],
         ),
     ],
     ids=["moe_layer", "expert_parallel"],
@@ -55,8 +56,19 @@ def test_benchmark_runs_at_toy_size(script, args, tmp_path):
     assert len(rows) >= 3
     if script == "expert_parallel.py":
         # length 16: cf * S * K / E is a whole number of slots for cf 1 and 1.25 (no rounding).
-        capacity_rows = [r for r in rows if r["capacity_factor"] is not None]
-        assert all(r["all_to_all_ops"] == 2 and r["bytes_ratio"] == 1.0 for r in capacity_rows)
+        by_mode = {(r["mesh"], r["mode"]): r for r in rows}
+        for mesh, n in (("2x4", 4),):
+            for mode, ratio in (("cf 1.0", 1.0), ("cf 1.25", 1.25), ("dropless a2a", 8 / 2)):
+                row = by_mode[mesh, mode]
+                assert row["collectives"]["all-to-all"] == 2 and row["bytes_ratio"] == ratio
+            ring = by_mode[mesh, "dropless ring"]
+            assert ring["collectives"]["all-to-all"] == 0
+            # All-gather and reduce-scatter of every token: 2 (n - 1) x N x D, against the
+            # minimum 2 (n - 1) / n x N x K x D: n / K, plus the routing choices (K experts,
+            # K gates per token: 2 x 2 x 4 bytes beside a 16 x 4 byte row).
+            tokens = 8 * 16 // 8
+            assert ring["bytes_sent_per_device"] == (n - 1) * tokens * (2 * 16 * 4 + 4 * 4)
+            assert 0 < by_mode[mesh, "dropless ragged"]["bytes_ratio"] < 2
     else:
         assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in rows)
 
@@ -64,11 +76,11 @@ def test_benchmark_runs_at_toy_size(script, args, tmp_path):
 @pytest.mark.slow  # ~1 min: builds and compiles both default-size models
 def test_train_step_benchmark_runs(tmp_path):
     result = _run("train_step.py", tmp_path / "result.json", "--runs=1", "--steps=2", "--warmup=1")
-    assert set(result["results"]) == {"moe", "dense"}
+    assert set(result["results"]) == {"moe", "moe_dropless", "dense"}
     for entry in result["results"].values():
         assert entry["step_seconds_median"] > 0 and entry["compile_seconds"] > 0
         assert entry["mesh"] == {"data": 2, "expert": 4}  # the default config's mesh
-    assert result["ratio_moe_over_dense"] > 0
+    assert result["ratio_moe_over_dense"] > 0 and result["ratio_dropless_over_capacity"] > 0
 
 
 def test_input_pipeline_benchmark_runs(tmp_path):

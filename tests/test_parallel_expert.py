@@ -1,5 +1,11 @@
 """Expert parallelism on the simulated 8-device CPU mesh, checked against the plain layer.
 
+Dropless token choice crosses devices through the exchange the layer resolves: "auto" is
+the ring on CPU (test_moe_matches_unsharded), the C = S all-to-all and the ragged
+all-to-all are chosen explicitly below; the ragged one runs here with the collective
+replaced by its all-gather emulation (XLA has no CPU ragged all-to-all) and is lowered for
+TPU and GPU with jax.export.
+
 The reference is the same layer (same parameters) run without a mesh; the sharded run
 is that layer's state under jax.set_mesh, where MoE/MoA go expert-parallel. Compiled
 functions are shared: one reference per layer config, one sharded program per (config,
@@ -20,9 +26,11 @@ from jax.sharding import PartitionSpec
 
 import multitask_moe as mtm
 from multitask_moe import parallel
+from multitask_moe.parallel import exchange as exchange_lib
 from multitask_moe.parallel import hlo
 
 ROUTINGS = ("tokens", "experts", "task", "task_tokens", "per_task")
+TOKEN_CHOICE = ("tokens", "task", "task_tokens", "per_task")  # dropless: ring or ragged
 MESH_SHAPES = ((1, 8), (2, 4), (4, 2), (8, 1))  # (data, expert)
 BATCH, LENGTH, D_MODEL, D_HIDDEN, NUM_EXPERTS, TOP_K, NUM_TASKS = 8, 4, 16, 32, 8, 2, 3
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -213,12 +221,97 @@ def test_moe_forward_hlo_has_two_all_to_alls_of_minimum_size():
     assert counts["all-reduce"] == 1 and counts["reduce-scatter"] == 0
 
 
-def test_dropless_hlo_moves_at_most_the_static_bound():
-    text = _forward_hlo(_moe("tokens", None), _inputs()[:1], (2, 4))
+def test_dropless_all_to_all_hlo_moves_the_static_bound():
+    text = _forward_hlo(_moe("tokens", None, exchange="all_to_all"), _inputs()[:1], (2, 4))
     assert hlo.collective_counts(text)["all-to-all"] == 2
     # C = S slots per expert per group: E / K times the rows a ragged exchange would send.
     moved = sum(hlo.collective_bytes(text, "all-to-all")) * 8
     assert moved == 2 * BATCH * LENGTH * NUM_EXPERTS * D_MODEL * 4
+
+
+def test_ring_hlo_gathers_the_group_once_and_moves_no_slots():
+    text = _forward_hlo(_moe("tokens", None, exchange="ring"), _inputs()[:1], (2, 4))
+    counts = hlo.collective_counts(text)
+    assert counts["all-to-all"] == 0, hlo.collective_lines(text, "all-to-all")
+    # Tokens, the choices' experts and their gates; one reduce-scatter of the outputs.
+    assert counts["all-gather"] == 3 and counts["reduce-scatter"] == 1
+    tokens_here, group = BATCH * LENGTH // 8, 4  # per device; devices on 'expert'
+    per_token = D_MODEL * 4 + 2 * TOP_K * 4  # a float32 row, K int32 experts, K gates
+    assert sum(hlo.collective_bytes(text, "all-gather")) == group * tokens_here * per_token
+    assert hlo.collective_bytes(text, "reduce-scatter") == [tokens_here * D_MODEL * 4]
+
+
+@pytest.fixture
+def emulated_ragged(monkeypatch):
+    """The ragged exchange on CPU, its collective replaced by the all-gather emulation;
+    yields the list of traced calls (the ragged path really ran)."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[0].shape)
+        return exchange_lib.emulated_ragged_all_to_all(*args, **kwargs)
+
+    monkeypatch.setattr(exchange_lib, "ragged_all_to_all", recording)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "routing, mesh_shape",
+    [(routing, (2, 4)) for routing in TOKEN_CHOICE] + [("tokens", (1, 8)), ("task", (4, 2))],
+    ids=lambda v: f"data{v[0]}xexpert{v[1]}" if isinstance(v, tuple) else v,
+)
+def test_ragged_exchange_matches_unsharded(routing, mesh_shape, emulated_ragged):
+    _, inputs, reference = _moe_case(routing, None)
+    sharded = _run(_moe(routing, None, exchange="ragged"), inputs, mesh_shape)
+    _assert_same(sharded, reference)
+    assert len(emulated_ragged) == 2  # out and back (the backward is their transpose)
+
+
+@pytest.mark.parametrize("platform", ("tpu", "cuda"))
+def test_ragged_exchange_lowers_for_tpu_and_gpu(platform):
+    layer = _moe("tokens", None, exchange="ragged")
+    graphdef, state = nnx.split(layer)
+    mesh = _mesh((2, 4))
+    x = jax.ShapeDtypeStruct(
+        (BATCH, LENGTH, D_MODEL), jnp.float32, sharding=parallel.batch_sharding(mesh)
+    )
+
+    def loss(state, x):
+        y, aux = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * y) + aux["load_balance_loss"]
+
+    programs = {}
+    with jax.set_mesh(mesh):
+        for name, fn in (("forward", loss), ("backward", jax.grad(loss))):
+            exported = jax.export.export(
+                jax.jit(fn),
+                platforms=(platform,),
+                # XLA's ragged all-to-all has no serialization guarantee yet; only lowering
+                # is checked here, nothing is stored.
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")],
+            )(state, x)
+            programs[name] = exported.mlir_module()
+    assert programs["forward"].count("custom_call @ragged_all_to_all") == 2
+    assert programs["backward"].count("custom_call @ragged_all_to_all") >= 3
+    for text in programs.values():  # no slots of C = S rows (the transpose swaps sizes)
+        swaps = [line for line in text.splitlines() if '"stablehlo.all_to_all"' in line]
+        assert all("xf32>" not in line for line in swaps), swaps
+
+
+def test_exchange_resolution_and_bad_settings():
+    resolve = exchange_lib.resolve
+    assert resolve("auto", dropless_token_choice=True, backend="cpu") == "ring"
+    assert resolve("auto", dropless_token_choice=True, backend="gpu") == "ragged"
+    assert resolve("auto", dropless_token_choice=True, backend="tpu") == "ragged"
+    assert resolve("ring", dropless_token_choice=False, backend="tpu") == "all_to_all"
+    assert resolve("all_to_all", dropless_token_choice=True, backend="cpu") == "all_to_all"
+    with pytest.raises(ValueError, match=r"exchange='mesh' is not allowed; allowed: \("):
+        _moe("tokens", None, exchange="mesh")
+    with pytest.raises(ValueError, match=r"exchange='ring' carries dropless token choice"):
+        _moe("tokens", 1.0, exchange="ring")
+    with pytest.raises(ValueError, match=r"exchange='ragged' carries dropless token choice"):
+        _moe("experts", None, exchange="ragged")
+    _moe("tokens", 1.0, eval_capacity_factor=None, exchange="ring")  # dropless at eval
 
 
 def test_moa_hlo_has_four_all_to_alls_and_no_all_gather():
@@ -298,14 +391,20 @@ def test_tiled_experts_under_mesh_match_unsharded():
 
 
 @pytest.mark.parametrize(
-    "routing, capacity_factor",
-    [("tokens", 1.0), ("experts", 1.0), ("task_tokens", None)],
-    ids=("tokens-capacity", "experts-capacity", "task_tokens-dropless"),
+    "routing, capacity_factor, exchange",
+    [
+        ("tokens", 1.0, "auto"),
+        ("experts", 1.0, "auto"),
+        ("task_tokens", None, "ring"),
+        ("task_tokens", None, "ragged"),
+    ],
+    ids=("tokens-capacity", "experts-capacity", "dropless-ring", "dropless-ragged"),
 )
-def test_masked_moe_matches_unsharded(routing, capacity_factor):
+def test_masked_moe_matches_unsharded(routing, capacity_factor, exchange, emulated_ragged):
     # Padding (part of example 1, all of example 6) is not routed;
     # on the mesh the mask travels with its examples and the same tokens are skipped.
-    layer, inputs = _moe(routing, capacity_factor, num_shared_experts=1), _inputs()
+    layer = _moe(routing, capacity_factor, num_shared_experts=1, exchange=exchange)
+    inputs = _inputs()
     reference = jax.device_get(_run(layer, inputs))
     assert np.all(reference["y"][6] == 0)
     _assert_same(_run(layer, inputs, (2, 4)), reference)

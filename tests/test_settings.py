@@ -37,6 +37,7 @@ MOE_FIELDS = {
     "activation": ("relu", lambda moe: moe.experts.activation),
     "usage_ema_decay": (0.5, lambda moe: moe.usage_ema_decay),
     "kept_experts": ((0, 1, 3), lambda moe: moe.kept_experts),
+    "exchange": ("all_to_all", lambda moe: moe.exchange),
     "replicate_indivisible_experts": (True, lambda moe: moe.replicate_indivisible_experts),
 }
 MOA_FIELDS = {

@@ -332,6 +332,12 @@ def test_prepare_raises_config_error_for_a_bad_routing():
         prepare(tiny_config(**{"model.moe.routing": "sideways"}))
 
 
+def test_prepare_refuses_the_ragged_exchange_on_cpu():
+    dropless = {"model.moe.capacity_factor": None, "model.moe.eval_capacity_factor": None}
+    with pytest.raises(ConfigError, match="exchange='ragged' needs a GPU or TPU backend"):
+        prepare(tiny_config(**dropless, **{"model.moe.exchange": "ragged"}))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "variant",

@@ -28,7 +28,7 @@ from multitask_moe.moe.routing import Router, held_columns, routing_kind
 from multitask_moe.moe.settings import settings_class
 from multitask_moe.moe.usage import TracksUsage, check_decay, usage_table
 from multitask_moe.parallel import expert_parallel
-from multitask_moe.parallel.expert_parallel import Exchange
+from multitask_moe.parallel.exchange import Exchange
 from multitask_moe.parallel.sharding import expert_param
 
 # Per-expert parameters, by their path in the layer: sharded over 'expert' on a mesh.

@@ -80,8 +80,10 @@ def _sum_to_variation_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
 
 
 def _forward(act, tile, rows, w_in, w_out, row_bounds):
-    out = _zeros(rows.shape, rows.dtype, rows, w_in, w_out)
-    pre = _zeros((rows.shape[0], w_in.shape[-1]), rows.dtype, rows, w_in, w_out)  # kept for bwd
+    # The bounds are inputs too: computed on each device (ring, ragged), they vary per device.
+    like = (rows, w_in, w_out, row_bounds)
+    out = _zeros(rows.shape, rows.dtype, *like)
+    pre = _zeros((rows.shape[0], w_in.shape[-1]), rows.dtype, *like)  # kept for bwd
     for e in range(w_in.shape[0]):
         w1, w2 = w_in[e], w_out[e]
         _, num_tiles, first_row = _tiles(row_bounds, e, tile)
@@ -105,7 +107,7 @@ def _grouped_mlp_fwd(act, tile, rows, w_in, w_out, row_bounds):
 
 def _grouped_mlp_bwd(act, tile, residuals, d_out):
     rows, w_in, w_out, row_bounds, pre = residuals
-    d_rows = _zeros(rows.shape, rows.dtype, rows, w_in, w_out, d_out)
+    d_rows = _zeros(rows.shape, rows.dtype, rows, w_in, w_out, d_out, row_bounds)
     d_w_in, d_w_out = [], []
     for e in range(w_in.shape[0]):
         w1, w2 = w_in[e], w_out[e]
@@ -132,8 +134,8 @@ def _grouped_mlp_bwd(act, tile, residuals, d_out):
             body,
             (
                 d_rows,
-                _zeros(w1.shape, w1.dtype, rows, w_in, w_out, d_out),
-                _zeros(w2.shape, w2.dtype, rows, w_in, w_out, d_out),
+                _zeros(w1.shape, w1.dtype, rows, w_in, w_out, d_out, row_bounds),
+                _zeros(w2.shape, w2.dtype, rows, w_in, w_out, d_out, row_bounds),
             ),
         )
         d_w_in.append(d_w1)

@@ -18,14 +18,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multitask_moe.moe import checks, losses, plan
+from multitask_moe.moe import checks, losses, plan, sharded_dropless
 from multitask_moe.moe import dispatch as dispatch_lib
 from multitask_moe.moe.experts import BATCHED_HIDDEN_BYTES, Experts
 from multitask_moe.moe.routing import Router, held_columns, routing_kind
 from multitask_moe.moe.settings import settings_class
 from multitask_moe.moe.usage import TracksUsage, check_decay, usage_table
+from multitask_moe.parallel import exchange as exchange_lib
 from multitask_moe.parallel import expert_parallel
-from multitask_moe.parallel.expert_parallel import LOCAL, Exchange
+from multitask_moe.parallel.exchange import LOCAL, Exchange
 
 SAME_AS_TRAIN = "same"
 # Per-expert parameters, by their path in the layer: sharded over 'expert' on a mesh.
@@ -55,6 +56,11 @@ class MoE(nnx.Module, TracksUsage):
       kept_experts: the router columns whose experts this layer holds (None = all
         num_experts). An extracted model that keeps a task's full router uses it: the
         softmax runs over all num_experts logits and top-k picks among the kept columns.
+      exchange: how dropless token choice reaches the experts of other devices: "ring"
+        (all-gather, local experts, reduce-scatter), "ragged" (ragged all-to-all, GPU and
+        TPU only), "all_to_all" (C = S slots, E / K times the routed rows) or "auto" (ragged
+        on GPU/TPU, ring on CPU). Capacity routing, expert choice and one-hot dispatch
+        always use the all-to-all of slots (parallel/exchange.py).
       replicate_indivisible_experts: on a mesh whose 'expert' axis does not divide the
         held expert count, replicate the experts instead of raising.
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
@@ -83,6 +89,7 @@ class MoE(nnx.Module, TracksUsage):
         activation: str = "gelu",
         usage_ema_decay: float = 0.95,
         kept_experts: tuple[int, ...] | None = None,
+        exchange: str = "auto",
         replicate_indivisible_experts: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -115,6 +122,7 @@ class MoE(nnx.Module, TracksUsage):
         if max_batched_hidden_bytes < 0:
             raise ValueError(f"max_batched_hidden_bytes={max_batched_hidden_bytes} must be >= 0")
         check_decay(usage_ema_decay)
+        exchange_lib.check_exchange(exchange)
         kept_experts = checks.kept_experts(kept_experts, num_experts, top_k)
 
         # num_experts: the experts held here; the router has router_width outputs.
@@ -122,6 +130,7 @@ class MoE(nnx.Module, TracksUsage):
         self.router_width = num_experts
         num_experts = num_experts if kept_experts is None else len(kept_experts)
         self.replicate_indivisible_experts = replicate_indivisible_experts
+        self.exchange = exchange
         self.usage_ema_decay = usage_ema_decay
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing, self.kind, self.num_tasks = routing, kind, num_tasks
@@ -131,6 +140,15 @@ class MoE(nnx.Module, TracksUsage):
         self.group_size, self.dispatch = group_size, dispatch
         self.dropless_block_size = dropless_block_size
         self.dtype, self.deterministic = dtype, deterministic
+        if exchange in exchange_lib.SORTED_EXCHANGES and not (
+            self.sorted_dropless(False) or self.sorted_dropless(True)
+        ):
+            raise ValueError(
+                f"exchange={exchange!r} carries dropless token choice with index dispatch; "
+                f"this layer has routing={routing!r}, capacity_factor={capacity_factor}, "
+                f"eval_capacity_factor={eval_capacity_factor}, dispatch={dispatch!r} "
+                "(use 'auto' or 'all_to_all')"
+            )
         self.router = Router(
             d_model,
             self.router_width,
@@ -195,6 +213,9 @@ class MoE(nnx.Module, TracksUsage):
             lambda layer, inputs, exchange: layer.forward(inputs, exchange, deterministic),
             EXPERT_PARAMS,
             inputs,
+            exchange=exchange_lib.resolve(
+                self.exchange, dropless_token_choice=self.sorted_dropless(deterministic)
+            ),
             replicate_indivisible=self.replicate_indivisible_experts,
         )
 
@@ -216,7 +237,7 @@ class MoE(nnx.Module, TracksUsage):
         logits = self.router(groups, group_tasks, noise=noise)  # [G, S, router_width] f32
         probs = jax.nn.softmax(logits, axis=-1)
         logits, probs = held_columns(self.kept_experts, logits, probs)  # [G, S, E]
-        routing_plan = self.make_plan(probs, deterministic, valid, ragged=exchange.ragged)
+        routing_plan = self.make_plan(probs, deterministic, valid, exchange=exchange)
         y = self.move_tokens(groups.astype(self.dtype), routing_plan, exchange)  # [G, S, D]
 
         stats = self.routing_stats(logits, probs, routing_plan, token_tasks, valid)
@@ -230,20 +251,21 @@ class MoE(nnx.Module, TracksUsage):
         deterministic: bool,
         valid: jax.Array | None = None,
         *,
-        ragged: bool = True,
+        exchange: Exchange = LOCAL,
     ) -> plan.Plan:
         """probs [G, S, E] float32, valid [G, S] bool or None -> Plan (see plan.py).
 
-        The one place the capacity factor is read. ragged: whether the token movement can
-        take the dropless sorted-block layout (False across devices: an all-to-all needs
-        slots of a static size).
+        The one place the capacity factor is read. exchange: the token movement; the
+        dropless sorted-rows layout needs one that can carry it (not an all-to-all of
+        static slots). Rows that cross devices are sorted without block padding: the
+        devices holding the experts lay out their runs themselves.
         """
         factor = self.eval_capacity_factor if deterministic else self.capacity_factor
-        if factor is None and ragged and self.dispatch == "index" and self.kind.choice == "tokens":
+        if self.sorted_dropless(deterministic) and exchange.sorted_rows:
             return plan.dropless_token_choice(
                 probs,
                 self.top_k,
-                self.dropless_block_size,
+                1 if exchange.moves_rows else self.dropless_block_size,
                 renormalize=self.renormalize_gates,
                 valid=valid,
             )
@@ -268,12 +290,22 @@ class MoE(nnx.Module, TracksUsage):
             valid=valid,
         )
 
+    def sorted_dropless(self, deterministic: bool) -> bool:
+        """Whether this mode routes dropless token choice in sorted rows (index dispatch)."""
+        factor = self.eval_capacity_factor if deterministic else self.capacity_factor
+        return factor is None and self.dispatch == "index" and self.kind.choice == "tokens"
+
     def move_tokens(
         self, groups: jax.Array, routing_plan: plan.Plan, exchange: Exchange = LOCAL
     ) -> jax.Array:
         """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine, in the
-        plan's layout. exchange: the all-to-all that carries the [G, E, C, D] slots to the
-        devices holding their experts and back (capacity layout only)."""
+        plan's layout. exchange: carries the slots (all-to-all) or the sorted rows (ring,
+        ragged) to the devices holding their experts and back."""
+        if routing_plan.sorted_blocks and exchange.moves_rows:
+            move = sharded_dropless.ring if exchange.kind == "ring" else sharded_dropless.ragged
+            tokens = groups.reshape(-1, self.d_model)  # [N, D]
+            out = move(self.experts, tokens, routing_plan, exchange, self.dropless_block_size)
+            return out.reshape(groups.shape)
         if routing_plan.sorted_blocks:  # all tokens in one group, rows sorted by expert
             tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]
             rows = dispatch_lib.dispatch(tokens, routing_plan, "index")[0]  # [R, D]

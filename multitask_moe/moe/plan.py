@@ -34,6 +34,9 @@ class Plan:
     # Dropless layout only: expert e owns blocks [block_bounds[e], block_bounds[e + 1]) of
     # `block_size` rows; blocks past block_bounds[E] (the static bound's slack) are empty.
     block_bounds: jax.Array | None = None  # [E + 1] int32
+    # Dropless layout only: the expert of each choice, E for padding (what the ring and
+    # ragged exchanges send to the devices holding the experts).
+    token_experts: jax.Array | None = None  # [G, K, S] int32
     capacity: int = struct.field(pytree_node=False, default=0)
     block_size: int = struct.field(pytree_node=False, default=0)
 
@@ -179,6 +182,25 @@ def dropless_token_choice(
         None if valid is None else valid.reshape(1, num_tokens), experts_ks.shape
     )  # [1, K, N]
     # Padding counts as expert E: no position, no row (its one-hot row is empty).
+    return dropless_assignments(
+        jnp.where(valid_ks, experts_ks, num_experts),
+        gates.transpose(0, 2, 1),
+        num_experts,
+        block_size,
+    )
+
+
+def dropless_assignments(
+    experts_ks: jax.Array, gates_ks: jax.Array, num_experts: int, block_size: int
+) -> Plan:
+    """The dropless layout of given choices: experts_ks [1, K, N] int (>= num_experts: no
+    expert, the choice gets no row), gates_ks [1, K, N] float32.
+
+    The ring exchange uses it directly: the choices of every device of an 'expert' group,
+    with the experts held elsewhere marked as none.
+    """
+    _, top_k, num_tokens = experts_ks.shape
+    valid_ks = experts_ks < num_experts
     flat_experts = jnp.where(valid_ks, experts_ks, num_experts).reshape(1, top_k * num_tokens)
     position = _position_in_expert(flat_experts, num_experts)[0]  # [A]
     counts = jnp.sum(jax.nn.one_hot(flat_experts[0], num_experts, dtype=jnp.int32), axis=0)
@@ -197,10 +219,11 @@ def dropless_token_choice(
     return Plan(
         row_assign=_invert(token_rows, num_rows),
         token_rows=token_rows.astype(jnp.int32),
-        token_gates=jnp.where(valid_ks, gates.transpose(0, 2, 1), 0.0),
+        token_gates=jnp.where(valid_ks, gates_ks, 0.0),
         kept=every_choice,
         chosen=every_choice,
         block_bounds=block_bounds.astype(jnp.int32),
+        token_experts=jnp.where(valid_ks, experts_ks, num_experts).astype(jnp.int32),
         block_size=block_size,
     )
 

@@ -5,11 +5,11 @@ A layer writes its forward once, for the tokens of one device:
     forward(layer, inputs, exchange) -> (y, aux)
 
 `inputs` maps names to batch-major arrays ([B, ...]: this device's examples); `exchange`
-(an Exchange) moves capacity slots between the devices that route tokens and the devices
-that hold their experts, and sums the routing statistics over all devices. `run` calls the
-forward directly outside a mesh (the exchange then moves nothing) and inside jax.shard_map
-on one. This module knows no layer: it only splits a layer's state into the per-expert
-parameters it names (placed on 'expert') and the rest (replicated).
+(an Exchange, parallel/exchange.py) moves tokens between the devices that route them and
+the devices that hold their experts, and sums the routing statistics over all devices.
+`run` calls the forward directly outside a mesh (the exchange then moves nothing) and
+inside jax.shard_map on one. This module knows no layer: it only splits a layer's state
+into the per-expert parameters it names (placed on 'expert') and the rest (replicated).
 
 Shape legend (per device): B batch, N tokens, D d_model, E experts, n size of the 'expert'
 mesh axis, E_loc = E / n experts held here, G routing groups, C capacity, X row width.
@@ -17,28 +17,21 @@ mesh axis, E_loc = E / n experts held here, G routing groups, C capacity, X row 
 Placement: tokens are split over the batch axes (data, fsdp and expert, so that every
 device routes different tokens); experts over 'expert' (device i of that axis holds
 experts [i * E_loc, (i + 1) * E_loc)); everything else is replicated. Expert weights never
-move: the slots [G, E, C, X] of each device go through one all-to-all over 'expert' to
-[n * G, E_loc, C, X] (the slots of this device's experts from every device), through the
-local experts, and back. Routing statistics are sums over tokens; psum'ed over the batch
-axes and finalized once, they give the aux losses and metrics of the global batch.
-
-An all-to-all moves arrays of one static shape, so across devices a layer cannot use a
-ragged slot layout (Exchange.ragged is False): dropless routing there uses slots with
-C = S, which never overflow because a token picks each expert at most once. The price is
-that the all-to-alls carry E / K times the rows of a ragged exchange;
-jax.lax.ragged_all_to_all would remove that padding on GPU/TPU, but it has no CPU lowering
-and every sharded path here is tested on CPU.
+move: tokens do (an all-to-all of slots, a ring of all-gather and reduce-scatter, or a
+ragged all-to-all; the exchange chooses). Routing statistics are sums over tokens;
+psum'ed over the batch axes and finalized once, they give the aux losses and metrics of
+the global batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from multitask_moe.parallel.exchange import LOCAL, Exchange
 from multitask_moe.parallel.mesh import (
     EXPERT_AXIS,
     batch_axes,
@@ -46,42 +39,6 @@ from multitask_moe.parallel.mesh import (
     expert_axis_size,
 )
 from multitask_moe.parallel.sharding import place, shards_experts
-
-
-@dataclasses.dataclass(frozen=True)
-class Exchange:
-    """Token movement between devices: the only part of a forward that differs on a mesh.
-
-    expert_shards: size of the 'expert' axis (1: every expert is on this device).
-    batch_axes: the axes tokens are split over; statistics are summed over them.
-    """
-
-    expert_shards: int = 1
-    batch_axes: tuple[str, ...] = ()
-
-    @property
-    def ragged(self) -> bool:
-        """Whether slot buffers may have a data-dependent layout (no all-to-all needed)."""
-        return self.expert_shards == 1
-
-    def to_experts(self, slots: jax.Array) -> jax.Array:
-        """[G, E, C, X] -> [n * G, E_loc, C, X]: every device's slots of the experts here."""
-        if self.expert_shards == 1:
-            return slots
-        return jax.lax.all_to_all(slots, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
-
-    def from_experts(self, slots: jax.Array) -> jax.Array:
-        """Inverse of to_experts: [n * G, E_loc, C, X] -> [G, E, C, X]."""
-        if self.expert_shards == 1:
-            return slots
-        return jax.lax.all_to_all(slots, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
-
-    def total(self, stats):
-        """A pytree of per-device sums -> the sums over every device's tokens."""
-        return jax.lax.psum(stats, self.batch_axes) if self.batch_axes else stats
-
-
-LOCAL = Exchange()
 
 Forward = Callable[[nnx.Module, dict[str, jax.Array], Exchange], tuple[jax.Array, dict]]
 
@@ -106,6 +63,7 @@ def run(
     expert_params: frozenset[tuple[str, ...]],
     inputs: Mapping[str, jax.Array | None],
     *,
+    exchange: str = "all_to_all",
     replicate_indivisible: bool = False,
 ) -> tuple[jax.Array, dict]:
     """forward(layer, inputs, exchange) on one device, or expert-parallel on the mesh.
@@ -138,7 +96,7 @@ def run(
     experts = jax.tree.map(lambda v: place(v, expert_spec), experts)
     rest = jax.tree.map(lambda v: place(v, PartitionSpec()), rest)
     inputs = {name: place(value, batch_spec) for name, value in inputs.items()}
-    exchange = Exchange(expert_axis_size(mesh) if sharded else 1, axes)
+    exchange = Exchange(expert_axis_size(mesh) if sharded else 1, axes, exchange)
 
     def body(experts, rest, inputs):
         return forward(nnx.merge(graphdef, experts, rest), inputs, exchange)

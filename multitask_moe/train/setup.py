@@ -141,6 +141,16 @@ def check_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                 "before anything else touches JAX)"
             )
         raise ConfigError(_one_line(error) + hint) from None
+    if (
+        config.model.moe_every
+        and config.model.moe.get("exchange") == "ragged"
+        and parallel.expert_axis_size(mesh) > 1
+        and jax.default_backend() == "cpu"
+    ):
+        raise ConfigError(
+            "model.moe.exchange='ragged' needs a GPU or TPU backend (XLA has no ragged "
+            "all-to-all on CPU); use 'ring' or 'auto' here"
+        )
     processes = jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % processes:
