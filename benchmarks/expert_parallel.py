@@ -245,10 +245,7 @@ def main() -> None:
         )
     for mesh_text in args.meshes.split(","):
         one = next(r for r in rows if r["mesh"] == mesh_text)["step_s_one_device"]
-        print(
-            f"{mesh_text}: one device, "
-            + ", ".join(f"{k}: {v * 1e3:.1f}ms" for k, v in one.items())
-        )
+        print(f"{mesh_text}: " + ", ".join(f"{k}: {v * 1e3:.1f}ms" for k, v in one.items()))
     result = {"config": {**vars(args), "platform": jax.default_backend()}, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
