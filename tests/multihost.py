@@ -59,8 +59,11 @@ def run_processes(
     num_processes: int = 2,
     devices_per_process: int = 4,
     timeout_s: float = 240.0,
+    on_poll=None,
 ) -> None:
     """Starts `num_processes` children of `script`, waits for all, raises if any fails.
+
+    on_poll(procs): called every 0.2 s while they run (e.g. to send one of them a signal).
 
     A child that fails makes the others hang at their next collective, so the first
     failure (or the time limit) kills all of them at once. Logs go to log_dir/process_<i>.log
@@ -97,6 +100,8 @@ def run_processes(
                     f"processes still running after {timeout_s:.0f}s "
                     f"(exit codes {codes})" + _tails(log_dir, num_processes)
                 )
+            if on_poll is not None:
+                on_poll(procs)
             time.sleep(0.2)
     finally:
         for proc in procs:

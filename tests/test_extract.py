@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,3 +186,26 @@ def test_bad_extractions_say_why_in_one_line_and_write_nothing(source, sliced, t
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: task 'no/such'")
     assert not out.exists()
+
+
+def test_a_checkpoint_with_nan_is_refused_naming_the_step(source, tmp_path):
+    import jax
+
+    from multitask_moe.train.checkpoint import Checkpoints
+
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    restored = lifecycle.restore(str(copy))
+    params = jax.tree.map(lambda leaf: leaf * np.float32(np.nan), restored.state["params"])
+    state = dict(restored.state, params=params)
+    shutil.rmtree(copy / "checkpoints" / str(restored.step))
+    with jax.set_mesh(restored.experiment.mesh):
+        checkpoints = Checkpoints(str(copy / "checkpoints"), keep=2, enable_async=False)
+        checkpoints.save(restored.step, state, restored.progress)
+        checkpoints.close()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as caught:
+        lifecycle.extract(str(copy), TASK, str(out))
+    assert f"checkpoint step {restored.step} in {copy} holds NaN or inf in" in str(caught.value)
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    assert os.listdir(copy / "checkpoints") == [str(restored.step)]  # left as it was

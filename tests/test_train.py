@@ -6,6 +6,8 @@ checkpoint restored onto another mesh gives the same eval numbers; and the comma
 handles SIGTERM and bad configs as documented.
 """
 
+import errno
+import glob
 import json
 import os
 import shutil
@@ -18,9 +20,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from multihost import run_processes  # noqa: I001 (tests/ is on the path)
 
-from multitask_moe.train import ConfigError, NonFiniteLossError, run, train_and_evaluate
-from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train import ConfigError, NonFiniteLossError, config_lib, run, train_and_evaluate
+from multitask_moe.train import checkpoint as checkpoint_lib
+from multitask_moe.train.checkpoint import Checkpoints, CheckpointWriteError
 from multitask_moe.train.config_lib import parse_weights
 from multitask_moe.train.metrics import read_history
 from multitask_moe.train.setup import prepare
@@ -59,14 +63,7 @@ def default_config():
 
 
 def tiny_config(**changes):
-    config = default_config()
-    for key, value in {**TINY, **changes}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return config_lib.set_fields(default_config(), {**TINY, **changes})
 
 
 def cli(workdir, *extra, overrides=None):
@@ -218,6 +215,94 @@ def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp
             np.testing.assert_allclose(restored[key], value, rtol=1e-5, err_msg=key)
 
 
+def copy_checkpoints(source, target, *steps):
+    for step in steps:
+        shutil.copytree(source / "checkpoints" / str(step), target / "checkpoints" / str(step))
+
+
+def largest_array_file(step_dir):
+    return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
+
+
+def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
+    experiment, reference, tmp_path, capsys
+):
+    workdir, results = reference
+    copy_checkpoints(workdir, tmp_path, HALF, 2 * HALF)
+    latest = tmp_path / "checkpoints" / str(2 * HALF)
+    with open(largest_array_file(latest), "r+b") as f:  # a write cut short
+        f.truncate(64)
+    resumed = run(experiment, str(tmp_path))
+    assert resumed == results  # from step HALF, bit-identical to the uninterrupted run
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
+    assert len(warnings) == 1 and f"checkpoint step {2 * HALF} in " in warnings[0]
+    aside = tmp_path / checkpoint_lib.UNREADABLE_DIR / str(2 * HALF)
+    assert f"moved it to {aside}" in warnings[0]
+    assert aside.is_dir()  # kept for a person to inspect, never deleted
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(HALF), str(2 * HALF)]
+
+
+@pytest.mark.parametrize("damage", ["array files gone", "progress missing"])
+def test_a_damaged_step_falls_back_to_the_previous_one(experiment, reference, tmp_path, damage):
+    workdir, _ = reference
+    copy_checkpoints(workdir, tmp_path, HALF, 2 * HALF)
+    latest = tmp_path / "checkpoints" / str(2 * HALF)
+    if damage == "array files gone":  # a step directory copied or written only in part
+        for data in glob.glob(f"{latest}/state/**/d", recursive=True):
+            shutil.rmtree(data)
+    else:
+        os.remove(latest / "progress" / "metadata")
+    warnings = []
+    with jax.set_mesh(experiment.mesh):
+        checkpoints = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+        step, _, progress = checkpoints.restore_latest_readable(
+            experiment.model.spec.abstract, warnings.append
+        )
+        checkpoints.close()
+    assert step == progress["data_step"] == HALF
+    assert len(warnings) == 1 and f"step {2 * HALF}" in warnings[0]
+    assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
+
+
+def test_resume_with_other_parameter_shapes_names_the_changed_fields(reference, tmp_path):
+    workdir, _ = reference
+    copy_checkpoints(workdir, tmp_path, 2 * HALF)
+    shutil.copy(workdir / "config.json", tmp_path / "config.json")
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError) as caught:
+        train_and_evaluate(tiny_config(**{"model.mlp_dim": 48}), str(tmp_path))
+    message = str(caught.value)
+    assert "holds arrays of other shapes than this model" in message
+    assert "model.mlp_dim: 32 -> 48" in message and "\n" not in message
+    # Nothing written: the old config and the checkpoint stay, nothing moved aside.
+    assert (tmp_path / "config.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
+
+
+def test_a_failing_checkpoint_write_names_the_step_and_keeps_the_previous(
+    experiment, tmp_path, monkeypatch
+):
+    save = checkpoint_lib.ocp.CheckpointManager.save
+
+    def disk_full_at_the_second_save(self, step, *args, **kwargs):
+        if step > HALF:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "save", disk_full_at_the_second_save)
+    with pytest.raises(CheckpointWriteError) as caught:
+        run(experiment, str(tmp_path))
+    assert str(caught.value) == (
+        f"could not write checkpoint step {2 * HALF} to {tmp_path / 'checkpoints'}: "
+        f"[Errno 28] No space left on device; step {HALF} is intact"
+    )
+    monkeypatch.undo()
+    step, progress, params = restore_latest(tmp_path, experiment)
+    assert step == progress["data_step"] == HALF and os.listdir(tmp_path / "checkpoints") == [
+        str(HALF)
+    ]
+
+
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     # A huge learning rate: step 1 is finite, its update overflows the parameters, and
     # step 2's loss is not.
@@ -276,26 +361,171 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(experiment, tmp
     assert all(np.all(np.isfinite(p)) for p in params)
 
 
-BAD_CONFIGS = {
-    "unknown task": (["--config.data.tasks=iris=1, no_such_task=1"], "no_such_task"),
-    "experts vs expert axis": (
-        ["--config.model.moe.num_experts=6"],
-        "num_experts=6 is not divisible by the 'expert' mesh axis",
+def _kill_when(process, ready, deadline_s: float = 240) -> bool:
+    """SIGKILLs `process` as soon as ready() holds; False if it ended first."""
+    deadline = time.monotonic() + deadline_s
+    while not ready():
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the run did not reach the kill moment"
+        time.sleep(0.002)
+    process.kill()
+    process.wait()
+    return True
+
+
+def _temporary_steps(workdir) -> set[str]:
+    """Orbax's in-progress step directories (renamed to the step once complete)."""
+    directory = workdir / "checkpoints"
+    return (
+        {name for name in os.listdir(directory) if "tmp" in name} if directory.is_dir() else set()
+    )
+
+
+def _reached_step(workdir, step: int) -> bool:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    lines = [line for line in path.read_text().splitlines() if '"train/loss"' in line]
+    return bool(lines) and json.loads(lines[-1])["step"] >= step
+
+
+@pytest.mark.slow  # six process starts
+def test_sigkill_at_five_moments_then_resume_ends_bit_identical(experiment, reference, tmp_path):
+    """kill -9 at five moments drawn from a seed, one of them while Orbax writes a
+    checkpoint asynchronously; rerunning the same command each time ends with the
+    parameters of the uninterrupted run, bit for bit."""
+    reference_dir, _ = reference
+    workdir = tmp_path / "run"
+    overrides = {**TINY, "log_every_steps": 1, "checkpoint_every_steps": 4}
+    rng = np.random.default_rng(20261202)
+    targets = sorted(rng.choice(np.arange(5, 2 * HALF - 4), size=4, replace=False).tolist())
+    moments = [("during a checkpoint write", lambda left: _temporary_steps(workdir) - left)]
+    moments += [(f"after step {t}", lambda _, t=t: _reached_step(workdir, t)) for t in targets]
+    killed = []
+    for name, ready in [moments[i] for i in rng.permutation(len(moments))]:
+        left_over = _temporary_steps(workdir)  # from an earlier kill: not a write under way
+        process = subprocess.Popen(
+            cli(workdir, overrides=overrides),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if _kill_when(process, lambda ready=ready, left=left_over: ready(left)):
+            killed.append(name)
+        else:
+            assert process.returncode == 0, process.stderr.read()
+    assert len(killed) >= 4, killed  # a later target may fall before a resume point
+    assert "during a checkpoint write" in killed
+    final = subprocess.run(
+        cli(workdir, overrides=overrides), cwd=REPO, capture_output=True, text=True
+    )
+    assert final.returncode == 0 and "Traceback" not in final.stderr, final.stderr
+    step_a, _, params_a = restore_latest(reference_dir, experiment)
+    step_b, progress, params_b = restore_latest(workdir, experiment)
+    assert step_a == step_b == progress["data_step"] == 2 * HALF
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # three multi-process runs
+def test_two_processes_train_preempt_and_resume_exactly(experiment, reference, tmp_path):
+    """2 processes x 4 CPU devices (gloo) run the whole loop: each feeds its own rows of
+    the batch, evaluates, checkpoints; SIGTERM to process 1 alone stops both after the same
+    step with a checkpoint (JAX's preemption sync point); the rerun resumes and ends with
+    the parameters of an uninterrupted 2-process run, bit for bit.
+
+    Each process reads its own shard of every task (mixture.py), so the batches, and the
+    parameters, differ from a 1-process run's; the accuracy is compared loosely.
+    """
+    _, results = reference
+    overrides = {**TINY, "num_cpu_devices": 4, "log_every_steps": 1}
+    script = REPO + "/multitask_moe/train/__main__.py"
+
+    def args(workdir):
+        flags = [f"--workdir={workdir}", "--config=configs/default.py"]
+        return flags + [f"--config.{key}={value}" for key, value in overrides.items()]
+
+    straight = tmp_path / "straight"
+    run_processes(script, args(straight), log_dir=tmp_path / "logs_straight")
+
+    workdir, sent = tmp_path / "run", []
+
+    def preempt_process_1(procs):
+        if not sent and _reached_step(workdir, 8):
+            procs[1].send_signal(signal.SIGTERM)
+            sent.append(True)
+
+    run_processes(script, args(workdir), log_dir=tmp_path / "logs_a", on_poll=preempt_process_1)
+    assert sent
+    logs = [(tmp_path / "logs_a" / f"process_{i}.log").read_text() for i in (0, 1)]
+    stopped = [line for line in logs[0].splitlines() if line.startswith("SIGTERM: saved")]
+    assert len(stopped) == 1, logs[0][-3000:]
+    assert all("Traceback" not in log for log in logs)
+    step = int(os.listdir(workdir / "checkpoints")[-1])
+    assert 8 <= step < 2 * HALF and f"at step {step} in" in stopped[0]
+
+    run_processes(script, args(workdir), log_dir=tmp_path / "logs_b")
+    assert f"Resuming from step {step}" in (tmp_path / "logs_b" / "process_0.log").read_text()
+    step_a, _, params_a = restore_latest(straight, experiment)
+    step_b, progress, params_b = restore_latest(workdir, experiment)
+    assert step_a == step_b == progress["data_step"] == 2 * HALF
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+    final = [r for r in read_history(str(workdir)) if "eval/iris/accuracy" in r][-1]
+    straight_final = [r for r in read_history(str(straight)) if "eval/iris/accuracy" in r][-1]
+    assert final == straight_final
+    assert abs(final["eval/mean_accuracy"] - results["eval/mean_accuracy"]) < 0.15
+
+
+def _train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "multitask_moe.train", *args]
+
+
+# name -> (command for a workdir, a fragment of its one error line). Config values are
+# swept through the library in test_bad_inputs.py; these are the command line's own.
+BAD_COMMANDS = {
+    "task weight not a number": (
+        lambda w: cli(w, "--config.data.tasks=wine=abc"),
+        "data.tasks: weight 'abc' of 'wine' is not a number",
     ),
-    "batch vs batch axes": (["--config.batch_size=36"], "batch size 36 is not divisible"),
-    "unknown key": (["--config.model.no_such_key=1"], "unknown config key 'model.no_such_key'"),
-    "negative steps": (["--config.num_train_steps=-5"], "num_train_steps=-5 must be an int >= 0"),
+    "unknown key": (
+        lambda w: cli(w, "--config.model.no_such_key=1"),
+        "unknown config key 'model.no_such_key'",
+    ),
+    "missing config file": (
+        lambda w: _train_command("--config=configs/nope.py", f"--workdir={w}"),
+        "could not load --config=configs/nope.py: no such file",
+    ),
+    "bad config argument": (
+        lambda w: _train_command("--config=configs/default.py:bogus", f"--workdir={w}"),
+        "unknown config arg 'bogus'",
+    ),
+    "no workdir": (
+        lambda w: _train_command("--config=configs/default.py"),
+        "--workdir is required",
+    ),
+    "positional argument": (
+        lambda w: _train_command("--config=configs/default.py", f"--workdir={w}", "extra"),
+        "unexpected arguments ['extra']",
+    ),
+    "workdir under a file": (
+        lambda w: cli(w.parent / "a_file" / "run", "--config.num_train_steps=1"),
+        "cannot be created",
+    ),
 }
 
 
-def test_bad_configs_fail_with_one_line_and_write_nothing(tmp_path):
+def test_bad_commands_fail_with_one_line_and_write_nothing(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
     processes = {}
-    for name, (flags, _) in BAD_CONFIGS.items():
+    for name, (command, _) in BAD_COMMANDS.items():
         workdir = tmp_path / name.replace(" ", "_")
         processes[name] = (
             workdir,
             subprocess.Popen(
-                cli(workdir, *flags),
+                command(workdir),
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -304,12 +534,13 @@ def test_bad_configs_fail_with_one_line_and_write_nothing(tmp_path):
         )
     for name, (workdir, process) in processes.items():
         _, stderr = process.communicate(timeout=300)
-        expected = BAD_CONFIGS[name][1]
+        expected = BAD_COMMANDS[name][1]
         assert process.returncode == 2, (name, stderr)
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], (name, stderr)
         assert "Traceback" not in stderr, (name, stderr)
         assert not workdir.exists(), name
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 def test_a_second_run_in_a_busy_workdir_stops_before_writing(experiment, tmp_path):

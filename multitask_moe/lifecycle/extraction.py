@@ -31,6 +31,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -93,6 +94,7 @@ def extract(
     if task not in trained:
         raise ExtractionError(f"task {task!r} is not one of the model's tasks; trained: {trained}")
     source = restore(workdir, config, mesh=mesh)
+    _check_finite(source)
     experiment = source.experiment
     task_id = experiment.task_names.index(task)
     full_model = evaluation.evaluation_model(source)
@@ -143,6 +145,18 @@ def extract(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def _check_finite(source: Restored) -> None:
+    """ExtractionError naming the step and the first non-finite array of the source."""
+    values = {"params": source.state["params"], "model_state": source.state["model_state"]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ExtractionError(
+                f"checkpoint step {source.step} in {source.directory} holds NaN or inf in "
+                f"{jax.tree_util.keystr(path)}; nothing extracted (the checkpoint is left as "
+                "it is: extract from a run whose latest checkpoint is finite)"
+            )
 
 
 def _check_arguments(threshold, router, usage, out, overwrite) -> None:
@@ -261,6 +275,10 @@ def _compare(source: Restored, target: Restored, task_id: int, splits) -> dict:
         part_logits, part_labels = evaluation.task_logits(target, 0, split)
         if not np.array_equal(labels, part_labels):
             raise ExtractionError(f"the {split} examples of the two models differ in order")
+        if not np.all(np.isfinite(part_logits)):
+            raise ExtractionError(
+                f"the extracted model gives NaN or inf logits on the {split} split; nothing written"
+            )
         num_classes = target.experiment.task_num_classes[0]
         full = np.argmax(full_logits[:, :num_classes], -1)
         part = np.argmax(part_logits[:, :num_classes], -1)

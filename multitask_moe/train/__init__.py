@@ -19,6 +19,7 @@ _EXPORTS = {
     "Experiment": "multitask_moe.train.setup",
     "prepare": "multitask_moe.train.setup",
     "NonFiniteLossError": "multitask_moe.train.loop",
+    "CheckpointWriteError": "multitask_moe.train.checkpoint",
     "train_and_evaluate": "multitask_moe.train.train",
     "run": "multitask_moe.train.train",
 }

@@ -45,13 +45,13 @@ def main(argv: list[str]) -> None:
     except setup.ConfigError as error:
         runtime.fail(str(error))
 
-    from multitask_moe.train import loop, train  # TensorFlow and Orbax load only now
+    from multitask_moe.train import checkpoint, loop, train  # TensorFlow, Orbax load now
 
     try:
         train.run(experiment, _WORKDIR.value)
     except setup.ConfigError as error:  # e.g. a workdir whose checkpoint does not fit
         runtime.fail(str(error))
-    except loop.NonFiniteLossError as error:
+    except (loop.NonFiniteLossError, checkpoint.CheckpointWriteError) as error:
         runtime.fail(str(error), status=1)
 
 

@@ -5,12 +5,23 @@ Each checkpoint holds two items: "state" (the sharded train state pytree) and "p
 written on). Saves are asynchronous: the loop goes on while the arrays are written, and
 only the next save or `close()` waits. Restoring takes the target shardings, so a
 checkpoint written on one mesh restores onto another (each process reads its shards).
+
+Failures lose nothing. Orbax writes a step into a temporary directory and renames it
+when complete, so a run killed mid-write leaves the previous steps as they were. A write
+that fails (disk full, a directory made read-only) raises CheckpointWriteError naming the
+step and the path; older steps are only deleted after a newer one is committed. A step
+that cannot be read back (a truncated array file, a step directory missing parts) is
+moved to checkpoints.unreadable/ beside the checkpoints, never deleted, and the previous
+step is tried. A step whose arrays have other shapes than the model (the config changed)
+raises CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,8 +79,27 @@ def abstract_storable(abstract_state):
     return jax.tree.map(convert, abstract_state)
 
 
+UNREADABLE_DIR = "checkpoints.unreadable"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message names the step and the path."""
+
+
+class CheckpointShapeError(ValueError):
+    """A checkpoint holds arrays of other shapes than the state it is restored into.
+
+    differences: [(path, saved shape, expected shape)], in tree order.
+    """
+
+    def __init__(self, message: str, differences: list[tuple[str, tuple, tuple]]):
+        super().__init__(message)
+        self.differences = differences
+
+
 class Checkpoints:
-    """CheckpointManager for one workdir: save(step, state, progress), restore_latest()."""
+    """CheckpointManager for one workdir: save(step, state, progress), restore(step, ...),
+    restore_latest_readable(...)."""
 
     def __init__(self, directory: str, *, keep: int, enable_async: bool = True):
         # Orbax wants an absolute path; gs:// buckets already are.
@@ -78,24 +108,124 @@ class Checkpoints:
             max_to_keep=keep, create=True, enable_async_checkpointing=enable_async
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "progress")
+            self.directory,
+            options=options,
+            item_names=("state", "progress"),
+            # Named handlers, so the saved shapes can be read without restoring the arrays.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "progress": ocp.JsonCheckpointHandler(),
+            },
         )
+        self._writing: int | None = None  # the step whose asynchronous write may be running
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, progress: dict[str, Any]) -> None:
-        """Starts an asynchronous save of `state` and `progress` at `step`."""
+        """Starts an asynchronous save of `state` and `progress` at `step`.
+
+        Raises CheckpointWriteError when this write cannot start or the previous one
+        failed (Orbax reports an asynchronous failure at the next save or wait).
+        """
         if step in self.manager.all_steps():
             return  # e.g. the final step right after a periodic save of the same step
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(to_storable(state)),
-                progress=ocp.args.JsonSave(_plain(progress)),
-            ),
-            force=True,
+        self.wait()  # Orbax would wait too; here a failure of that write names its step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(to_storable(state)),
+                    progress=ocp.args.JsonSave(_plain(progress)),
+                ),
+                force=True,
+            )
+        except Exception as error:  # noqa: BLE001 -- any I/O failure, named in one line
+            raise self._write_error(step, error) from None
+        self._writing = step
+
+    def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
+        previous = [s for s in self.manager.all_steps() if s < step]
+        kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+        return CheckpointWriteError(
+            f"could not write checkpoint step {step} to {self.directory}: "
+            f"{_one_line(error)}; {kept}"
         )
+
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """{array path: shape} of `step`'s state as its metadata records it; None when the
+        metadata cannot be read (the restore then decides)."""
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+            leaves = jax.tree_util.tree_flatten_with_path(dict(metadata))[0]
+        except Exception:  # noqa: BLE001 -- unreadable metadata: a damaged step
+            return None
+        return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+    def check_shapes(self, step: int, abstract_state) -> None:
+        """CheckpointShapeError when `step` was saved with other array shapes."""
+        saved = self.saved_shapes(step)
+        if saved is None:
+            return
+        expected = {
+            _path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                abstract_storable(abstract_state)
+            )[0]
+        }
+        differences = [
+            (name, saved.get(name), expected.get(name))
+            for name in sorted(set(saved) | set(expected))
+            if saved.get(name) != expected.get(name)
+        ]
+        if differences:
+            shown = "; ".join(
+                f"{name}: saved {_shape(a)}, now {_shape(b)}" for name, a, b in differences[:3]
+            )
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise CheckpointShapeError(
+                f"checkpoint step {step} in {self.directory} holds arrays of other shapes "
+                f"than this model: {shown}{more}",
+                differences,
+            )
+
+    def restore_latest_readable(
+        self, abstract_state, warn: Callable[[str], None]
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, progress) of the newest step that restores, or None if none.
+
+        A step that does not restore is moved aside (`warn` gets one line naming it and
+        where it went) and the one before is tried. CheckpointShapeError propagates.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            self.check_shapes(step, abstract_state)
+            try:
+                state, progress = self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
+                moved = self.move_aside(step)
+                warn(
+                    f"checkpoint step {step} in {self.directory} is unreadable "
+                    f"({_one_line(error)}); moved it to {moved}; trying the previous step"
+                )
+                continue
+            return step, state, progress
+        return None
+
+    def move_aside(self, step: int) -> str:
+        """Moves step `step` out of the checkpoint directory; returns where it went."""
+        target_dir = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+        target = os.path.join(target_dir, str(step))
+        if jax.process_index() == 0:
+            tf_gfile().makedirs(target_dir)
+            if tf_gfile().exists(target):
+                target = f"{target}.{time.strftime('%Y%m%d-%H%M%S')}"
+            tf_gfile().rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        return target
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """Restores `step` onto the shardings of `abstract_state` (any mesh)."""
@@ -110,11 +240,49 @@ class Checkpoints:
         return state, dict(restored["progress"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the running write; CheckpointWriteError if it failed."""
+        if self._writing is None:
+            return
+        step, self._writing = self._writing, None  # a failure is reported once
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 -- any I/O failure, named in one line
+            raise self._write_error(step, error) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def tf_gfile():
+    """tf.io.gfile (local paths and gs://), imported when a step is moved aside."""
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _path_name(path) -> str:
+    """A tree path as "params/blocks/1/mlp/..." (dict keys, attributes, indices)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _shape(shape) -> str:
+    return "absent" if shape is None else f"[{', '.join(str(n) for n in shape)}]"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _plain(value):

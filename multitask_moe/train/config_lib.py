@@ -139,6 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Settings of single sparse layers over the two sections above, by layer name, e.g.
     # {"block1/moe": {"num_experts": 3}}: what an extracted model writes (extract.py).
     c.model.layers = ml_collections.ConfigDict()
+    # Residual adapters after blocks, {"<block index>": size} (an evolved path's model).
+    c.model.adapters = ml_collections.ConfigDict()
 
     c.progress_bar = True
     c.write_plots = True
@@ -178,6 +180,39 @@ def read_config(directory: str) -> ml_collections.ConfigDict | None:
         return None
     with tf.io.gfile.GFile(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def set_fields(config: ml_collections.ConfigDict, changes: Mapping[str, object]):
+    """Sets dotted fields ("model.moe.top_k": 1, ...) of `config` in place; returns it."""
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def changed_fields(
+    before: ml_collections.ConfigDict, after: ml_collections.ConfigDict
+) -> list[str]:
+    """["key: old -> new", ...] for every field (dotted) whose value differs."""
+    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    return [
+        f"{key}: {old.get(key, 'absent')!r} -> {new.get(key, 'absent')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:

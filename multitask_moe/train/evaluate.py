@@ -22,6 +22,20 @@ def global_batch(
     missing = [key for key in keys if key not in local]
     if missing:
         raise KeyError(f"batch lacks {missing}; it has {sorted(local)}")
+    inputs = np.asarray(local["inputs"]) if "inputs" in keys else None
+    if inputs is not None and np.issubdtype(inputs.dtype, np.floating):
+        finite = np.isfinite(inputs).reshape(len(inputs), -1).all(axis=1)  # [B] on the host
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            tasks = (
+                sorted(set(np.asarray(local["task_id"])[rows].tolist()))
+                if "task_id" in local
+                else "?"
+            )
+            raise ValueError(
+                f"batch inputs hold NaN or inf in rows {rows[:8].tolist()} (task ids {tasks}); "
+                "the examples must be finite (clean or impute the dataset's features)"
+            )
     return {
         key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
         for key in keys

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from multitask_moe.train.checkpoint import Checkpoints
@@ -31,18 +30,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
+    """Tells the loop when to save and stop because the job is being preempted.
 
     Cloud TPU / SLURM preemption sends SIGTERM and waits a grace period before SIGKILL.
-    With several processes the flag is combined over all of them, so that every process
-    stops after the same step (a checkpoint is a collective write).
+    One process: a SIGTERM handler sets a flag the loop polls after each step. Several
+    processes: every process must stop after the same step (a checkpoint is a collective
+    write), so the loop asks JAX's preemption sync point
+    (multihost_utils.reached_preemption_sync_point): the distributed runtime catches
+    SIGTERM on any process, agrees in the background on the first step all processes can
+    still reach, and answers True there on every process. No collective runs per step,
+    so asynchronous dispatch never stalls on the check.
     """
 
     def __init__(self):
         self._flag = threading.Event()
         self._previous = None
+        self._synced = jax.process_count() > 1
 
     def __enter__(self):
+        if self._synced:
+            return self  # the distributed runtime owns SIGTERM; a Python handler would hide it
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         else:
@@ -53,13 +60,13 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
         del signum, frame
         self._flag.set()
 
-    def requested(self) -> bool:
-        local = self._flag.is_set()
-        if jax.process_count() == 1:
-            return local
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call after every step, in order)."""
+        if not self._synced:
+            return self._flag.is_set()
         from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -236,12 +243,13 @@ def train_loop(
     step = steps.start - 1
     with PreemptionWatcher() as watcher, bar:
         for step in steps:
+            batch = next(batches)  # placed on the devices here, outside the guard
             # Catches accidental host<->device copies inside the step (big_vision's habit).
             with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, next(batches))
+                state, metrics = train_step(state, batch)
             pending.add(step, metrics)
             bar.update(1)
-            stop = watcher.requested()
+            stop = watcher.requested(step)
             due = [a for a in actions if a.due(step, last=step == steps.stop - 1, stop=stop)]
             if due:
                 pending.sync()

@@ -66,7 +66,12 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
     try:
         return flag_values(argv)
     except flags.Error as error:
-        fail(str(error))
+        text = str(error)
+        if "Traceback (most recent call last)" in text:  # the config file itself raised
+            last = text.strip().splitlines()[-1].strip()
+            reason = re.sub(r"^\w+(Error|Exception): ", "", last)
+            fail(f"could not load --config={_config_path(argv)}: {reason}")
+        fail(text)
     except (AttributeError, KeyError, TypeError) as error:
         # ml_collections raises these for an override of a key the config does not have.
         fail(_unknown_key(argv, error))
@@ -76,10 +81,15 @@ def loaded_config(value, flag_text: str) -> ml_collections.ConfigDict:
     """The parsed --config, or one error line if it is missing or failed to load."""
     if value is None:
         fail("--config is required, e.g. --config=configs/default.py")
+    path = flag_text.removeprefix("--config=")
     try:
         value.keys()  # ml_collections defers load errors to the first access
     except OSError as error:
-        fail(f"could not load --config={flag_text}: {error.__cause__ or error}")
+        while error.__cause__ is not None:  # the file system's own error, if any
+            error = error.__cause__
+        if isinstance(error, FileNotFoundError) or "No such file" in str(error):
+            fail(f"could not load --config={path}: no such file (expected configs/<name>.py)")
+        fail(f"could not load --config={path}: {error}")
     return value
 
 

@@ -55,7 +55,9 @@ class Experiment:
 
 
 def _check_int(config, name: str, minimum: int) -> None:
-    value = config[name]
+    value = config
+    for part in name.split("."):  # "optimizer.warmup_steps" -> config.optimizer.warmup_steps
+        value = value[part]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
 
@@ -70,6 +72,12 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
         ("eval_every_steps", 0),
         ("checkpoint_every_steps", 0),
         ("keep_checkpoints", 1),
+        ("seed", 0),
+        ("optimizer.warmup_steps", 0),
+        ("model.d_model", 1),
+        ("model.depth", 1),
+        ("model.num_heads", 1),
+        ("model.mlp_dim", 1),
     ):
         _check_int(config, name, minimum)
     if not config.optimizer.learning_rate > 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import ml_collections
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from multitask_moe import parallel
 from multitask_moe.train import config_lib, loop, plots, warm_start
 from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train.checkpoint import Checkpoints, CheckpointShapeError
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
 from multitask_moe.train.run_lock import RunLock
 from multitask_moe.train.setup import ConfigError, Experiment, prepare
@@ -54,7 +55,11 @@ def run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
 def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
     chief = jax.process_index() == 0
-    tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
+    try:
+        tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
+    except (tf.errors.OpError, OSError) as error:
+        reason = getattr(error, "message", None) or str(error)
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {reason}") from None
     # Before anything is written: a second run in this workdir stops here, naming the first.
     with RunLock(workdir, enabled=chief):
         return _run_locked(experiment, workdir)
@@ -64,13 +69,16 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
     config, spec, task_names = experiment.config, experiment.model.spec, experiment.task_names
     chief = jax.process_index() == 0
     batch_sharding = parallel.batch_sharding(experiment.mesh)
-    if chief:
-        with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
-    writer = MetricWriter(workdir, enabled=chief)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    writer = None
     try:
+        # Restored (or refused) before config.json is replaced, so a refused resume can
+        # name what changed from the config that wrote the checkpoint.
         state, start_step = _initial_state(experiment, checkpoints, workdir)
+        if chief:
+            with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
+                f.write(config.to_json_best_effort(indent=2) + "\n")
+        writer = MetricWriter(workdir, enabled=chief)
         writer.truncate_after(start_step)
         if chief:
             print(
@@ -173,7 +181,8 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
         return final
     finally:
         checkpoints.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 def _data_settings(config: ml_collections.ConfigDict) -> dict:
@@ -199,20 +208,41 @@ def _initial_state(
     warm start from config.init_from (a run always resumes from its own checkpoints)."""
     config, spec = experiment.config, experiment.model.spec
     step = checkpoints.latest_step()
-    if step is None and experiment.warm_start is not None:
-        return warm_start.initial_state(experiment, workdir), 0
-    if step is None:
-        return create_state(spec, config.seed), 0
-    if step > config.num_train_steps:
+    if step is not None and step > config.num_train_steps:
         raise ConfigError(
             f"{checkpoints.directory} holds step {step}, past num_train_steps="
             f"{config.num_train_steps}; raise num_train_steps or use a new --workdir"
         )
-    state, saved = checkpoints.restore(step, spec.abstract)
+    try:
+        restored = checkpoints.restore_latest_readable(spec.abstract, _warn)
+    except CheckpointShapeError as error:
+        raise ConfigError(f"{error}; {_config_changes(workdir, config)}") from None
+    if restored is None and experiment.warm_start is not None:
+        return warm_start.initial_state(experiment, workdir), 0
+    if restored is None:
+        return create_state(spec, config.seed), 0
+    step, state, saved = restored
     _check_resumable(saved, step, experiment, checkpoints.directory)
     if jax.process_index() == 0:
         print(f"Resuming from step {step} ({checkpoints.directory}).", flush=True)
     return state, step
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """What differs between the config that wrote the workdir and `config`, in words."""
+    before = config_lib.read_config(workdir)
+    if before is None:
+        return "the workdir has no config.json to compare with; use a new --workdir"
+    changed = config_lib.changed_fields(before, config)
+    if not changed:
+        return "config.json shows no changed field; use a new --workdir"
+    return f"the config changed {', '.join(changed)}; use a new --workdir or the old config"
 
 
 def _check_resumable(saved: dict, step: int, experiment: Experiment, directory: str) -> None:

@@ -70,7 +70,15 @@ def restore(
         if step is None:
             raise WorkdirError(f"{directory} holds no checkpoint ({checkpoint_dir} is empty)")
         with jax.set_mesh(experiment.mesh):
-            state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
+            checkpoints.check_shapes(step, experiment.model.spec.abstract)
+            try:
+                state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
+            except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
+                # Reading never moves anything: a training run of this workdir does that.
+                reason = " ".join(str(error).split())[:200]
+                raise WorkdirError(
+                    f"checkpoint step {step} in {checkpoint_dir} is unreadable ({reason})"
+                ) from None
     finally:
         checkpoints.close()
     saved_tasks = progress.get("task_names")
