@@ -1,8 +1,11 @@
-"""muNet / mu2Net evolution of a growing multitask system (docs/methods.md, section 3):
-components with locks, paths over them, their score, parent sampling and mutations.
+"""muNet / mu2Net evolution of a growing multitask system (docs/methods.md, section 3).
 
-This package holds the system's bookkeeping, independent of how a path's model is built
-and trained: a component is any parameter pytree, a path any ordered list of them.
+Bookkeeping (independent of any model): components with locks (components.py), paths
+and their score (paths.py), parent sampling (sampling.py), mutations (mutation.py).
+On the project's model: a path's model from its components (path_model.py), training a
+child with its locked components frozen (child.py), the system that introduces tasks
+(system.py), its Orbax checkpoint (store.py) and its report (report.py). The command is
+`python -m multitask_moe.evolve`.
 """
 
 from multitask_moe.evolution.components import Component, ComponentPool, LockedComponentError
@@ -16,6 +19,7 @@ from multitask_moe.evolution.mutation import (
 )
 from multitask_moe.evolution.paths import Path, accounted_params, score
 from multitask_moe.evolution.sampling import parent_probabilities, sample_parent
+from multitask_moe.evolution.system import ROOT_TASK, Settings, System
 
 __all__ = [
     "CLONE",
@@ -25,6 +29,9 @@ __all__ = [
     "ComponentPool",
     "LockedComponentError",
     "Path",
+    "ROOT_TASK",
+    "Settings",
+    "System",
     "accounted_params",
     "component_actions",
     "mutate_hparams",

@@ -29,7 +29,8 @@ class LockedComponentError(RuntimeError):
 class Component:
     """id: unique in its pool; name: what it is in a path ("block3", "head", ...);
     params / opt_state: pytrees; locks: tasks whose finished paths use it; origin: the
-    id it was cloned from (None for a new or root component)."""
+    id it was cloned from (None for a new or root component); statistics: its
+    non-parameter state (e.g. an MoE layer's usage EMA), carried like the parameters."""
 
     id: int
     name: str
@@ -37,6 +38,7 @@ class Component:
     opt_state: object = None
     locks: frozenset[str] = frozenset()
     origin: int | None = None
+    statistics: object = None
 
     @property
     def size(self) -> int:
@@ -72,8 +74,12 @@ class ComponentPool:
     def next_id(self) -> int:
         return self._next_id
 
-    def add(self, name: str, params, opt_state=None, locks: Iterable[str] = ()) -> int:
-        component = Component(self._next_id, name, params, opt_state, frozenset(locks))
+    def add(
+        self, name: str, params, opt_state=None, locks: Iterable[str] = (), statistics=None
+    ) -> int:
+        component = Component(
+            self._next_id, name, params, opt_state, frozenset(locks), statistics=statistics
+        )
         self._components[component.id] = component
         self._next_id += 1
         return component.id
@@ -88,12 +94,13 @@ class ComponentPool:
             _copy_tree(source.opt_state),
             frozenset(),
             origin=source.id,
+            statistics=_copy_tree(source.statistics),
         )
         self._components[component.id] = component
         self._next_id += 1
         return component.id
 
-    def update(self, component_id: int, params, opt_state=None) -> None:
+    def update(self, component_id: int, params, opt_state=None, statistics=None) -> None:
         """New values of a trainable component; LockedComponentError for a locked one."""
         component = self[component_id]
         if component.locks:
@@ -102,6 +109,7 @@ class ComponentPool:
                 f"{sorted(component.locks)}: clone it to change it"
             )
         component.params, component.opt_state = params, opt_state
+        component.statistics = statistics
 
     def lock(self, component_ids: Iterable[int], task: str) -> None:
         """Adds `task` to the locks of every component (the end of the task)."""

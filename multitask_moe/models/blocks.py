@@ -39,6 +39,22 @@ class DenseMLP(nnx.Module):
         return self.fc_out(jax.nn.gelu(self.fc_in(x))), None  # [B, L, D]
 
 
+class ResidualAdapter(nnx.Module):
+    """x + up(relu(down(LN(x)))), D -> size -> D, with `up` zero-initialized: inserted
+    after a trained block it changes nothing until it trains (muNet's adapters)."""
+
+    def __init__(self, d_model: int, size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"adapter size={size!r} must be an int >= 1")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(d_model, **kw)
+        self.down = nnx.Linear(d_model, size, **kw)
+        self.up = nnx.Linear(size, d_model, kernel_init=nnx.initializers.zeros, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.up(jax.nn.relu(self.down(self.norm(x)))).astype(x.dtype)  # [B, L, D]
+
+
 class SparseMLP(nnx.Module):
     """`multitask_moe.MoE` in the block call shape."""
 

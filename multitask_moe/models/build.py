@@ -83,6 +83,7 @@ def model_from_config(
         moa_every=model_config["moa_every"],
         layers=layers,
         task_uncertainty=task_uncertainty,
+        adapters={int(i): size for i, size in model_config.get("adapters", {}).items()},
         dtype=dtype_from_name(model_config["dtype"]),
         param_dtype=dtype_from_name(model_config["param_dtype"]),
         rngs=rngs,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multitask_moe.models.blocks import Block
+from multitask_moe.models.blocks import Block, ResidualAdapter
 from multitask_moe.models.stems import MultiModalStem
 from multitask_moe.models.tables import lookup, take_rows
 from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
@@ -65,6 +65,8 @@ class MultitaskTransformer(nnx.Module):
         number of experts in each layer).
       task_uncertainty: learn one loss scale s_t per task (`task_loss_scale` [T], init 1)
         for uncertainty task weighting (train/step.py).
+      adapters: {block index: size} of residual adapters after those blocks
+        (blocks.ResidualAdapter, zero-initialized output; the evolution of paths adds them).
       dtype: activation dtype (float32 or bfloat16); heads and the loss stay float32.
       param_dtype: parameter dtype.
 
@@ -90,6 +92,7 @@ class MultitaskTransformer(nnx.Module):
         moa_every: int = 0,
         layers: Mapping[str, Mapping] | None = None,
         task_uncertainty: bool = False,
+        adapters: Mapping[int, int] | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -153,6 +156,21 @@ class MultitaskTransformer(nnx.Module):
                 )
                 for i in range(depth)
             ]
+        )
+        adapters = {int(i): size for i, size in dict(adapters or {}).items()}
+        outside = sorted(i for i in adapters if not 0 <= i < depth)
+        if outside:
+            raise ValueError(
+                f"adapters after blocks {outside}; the model has blocks 0..{depth - 1}"
+            )
+        # Keyed by the block they follow ("1"), so a path's adapters keep their names.
+        self.adapters = nnx.Dict(
+            {
+                str(i): ResidualAdapter(
+                    d_model, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
+                for i, size in sorted(adapters.items())
+            }
         )
         self.final_norm = nnx.LayerNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Batched heads: task t reads head_kernel[t] [D, C]; zero-initialized so every task
@@ -224,6 +242,8 @@ class MultitaskTransformer(nnx.Module):
                 x + task_vector, task_ids=task_ids, mask=mask, deterministic=deterministic
             )
             aux.update({f"block{i}/{kind}": value for kind, value in block_aux.items()})
+            if str(i) in self.adapters:
+                x = self.adapters[str(i)](x)
         x = self.final_norm(x).astype(jnp.float32)  # [B, L, D]
         weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
         # Masked mean over the real tokens (each example has at least one).

@@ -1,0 +1,487 @@
+"""The growing system: tasks added one after another by evolving paths over a component
+pool (muNet / mu2Net, docs/methods.md section 3).
+
+    system = System.create(settings)        # the root path: a fresh model, locked
+    for task in settings.tasks:
+        system.evolve_task(task)            # generations of children, then lock the best
+
+For a task: each child samples a parent (sampling.py), mutates it (hyperparameters,
+depth, an adapter, clone-or-reuse of every component, a new head for another task's
+parent), trains with only its own unlocked components changing (child.py), and is scored
+q * s ** (P / P_root) (paths.py). It joins the task's population if it scores at least
+its parent, or always when the parent belongs to another task. At the end the best path's
+components are locked and every other unlocked component is dropped. Locked components
+never change, so the earlier tasks' predictions stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from multitask_moe import data
+from multitask_moe.evolution import child as child_lib
+from multitask_moe.evolution import mutation, path_model, sampling
+from multitask_moe.evolution.components import ComponentPool
+from multitask_moe.evolution.paths import Path, accounted_params, check_size_scale, score
+
+ROOT_TASK = "root"
+# Ordered ladders of the mutable hyperparameters (one rung per mutation).
+LADDERS = {
+    "mu": mutation.MU_LADDER,
+    "learning_rate": (3e-4, 1e-3, 3e-3, 1e-2),
+    "adapter_size": (8, 16, 32, 64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """An evolution run (configs/evolve.py builds one from a config)."""
+
+    tasks: tuple[str, ...]
+    model: ml_collections.ConfigDict  # the model section of a training config (the root)
+    generations: int = 2
+    children: int = 2  # per generation
+    steps: int = 100  # train steps per child
+    validations: int = 4  # per child; the best one counts
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    size_scale: float = 1.0  # s in q * s ** (P / P_root)
+    weight_decay: float = 1e-4
+    aux_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    image_size: int = 8
+    patch_size: int = 2
+    data_dir: str | None = None
+    seed: int = 0
+    # The root path's hyperparameters, each on its ladder (LADDERS).
+    mu: float = 0.2
+    learning_rate: float = 3e-3
+    adapter_size: int = 16
+
+    def check(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks is empty; give at least one task to introduce")
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tasks {repeated} appear twice; each task is introduced once")
+        check_size_scale(self.size_scale)
+        if not 0 <= self.mu <= 1:
+            raise ValueError(f"mu={self.mu} must be in [0, 1] (a mutation probability)")
+        for name in LADDERS:
+            mutation.check_ladder(name, getattr(self, name), LADDERS[name])
+        for name in ("generations", "children", "steps", "validations", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+
+
+class System:
+    """Components, paths, populations and history of one evolution run."""
+
+    def __init__(self, settings: Settings):
+        settings.check()
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+        self.pool = ComponentPool()
+        self.paths: dict[int, Path] = {}
+        self.arch: dict[int, path_model.Architecture] = {}
+        self.best: dict[str, int] = {}  # finished task -> its path
+        self.records: dict[str, dict] = {}
+        # How each live component came to its task's paths, relative to the earlier
+        # tasks: "new" (fresh), "cloned" (a copy of an earlier task's or the root's
+        # component, possibly through this task's children), "reused" is decided per path.
+        self.lineage: dict[int, str] = {}
+        self._steps: dict[path_model.Architecture, tuple] = {}
+        mixture = data.Mixture(
+            list(settings.tasks),
+            image_size=settings.image_size,
+            patch_size=settings.patch_size,
+            data_dir=settings.data_dir,
+        )
+        self.token_shape = tuple(int(n) for n in mixture.token_shape)
+        self.task_info = {task.name: (task.num_classes, task.modality) for task in mixture.tasks}
+        self._mixtures: dict[str, data.Mixture] = {}
+        self.progress = new_progress(0)
+        self.root = self._make_root()
+        self.root_params = accounted_params(self.paths[self.root].components, self.pool, ROOT_TASK)
+
+    # -- building -------------------------------------------------------------------------
+
+    def _make_root(self) -> int:
+        """The root path: a fresh model of the config, owned by the pseudo-task 'root'."""
+        first = self.settings.tasks[0]
+        num_classes, modality = self.task_info[first]
+        arch = path_model.Architecture(self.settings.model.depth, (), num_classes, modality)
+        _, fresh = self._fresh(arch)
+        parts = path_model.split(fresh)
+        ids = tuple(
+            self.pool.add(
+                name, parts[name].params, locks=[ROOT_TASK], statistics=parts[name].statistics
+            )
+            for name in arch.component_names()
+        )
+        hparams = {name: getattr(self.settings, name) for name in LADDERS}
+        return self._add_path(ROOT_TASK, ids, hparams, arch, parent=None)
+
+    def _add_path(self, task, components, hparams, arch, parent) -> int:
+        path_id = len(self.paths)
+        self.paths[path_id] = Path(path_id, task, tuple(components), hparams, parent)
+        self.arch[path_id] = arch
+        return path_id
+
+    def _fresh(self, arch: path_model.Architecture):
+        seed = int(self.rng.integers(2**31))
+        return path_model.build(self.settings.model, arch, self.token_shape, seed)
+
+    def steps_for(self, arch: path_model.Architecture) -> child_lib.ChildSteps:
+        """The compiled steps of an architecture (built once, reused by every child)."""
+        if arch not in self._steps:
+            graphdef, fresh = path_model.build(self.settings.model, arch, self.token_shape, 0)
+            sparse = tuple(
+                nnx.merge(graphdef, fresh["params"], fresh["model_state"]).sparse_layer_names()
+            )
+            steps = child_lib.ChildSteps.build(
+                graphdef, sparse, self.settings.aux_weights, self.settings.weight_decay
+            )
+            self._steps[arch] = (steps, graphdef)
+        return self._steps[arch][0]
+
+    def state_of(self, path_id: int) -> dict:
+        """The path's model state assembled from its components."""
+        arch = self.arch[path_id]
+        _, fresh = path_model.build(self.settings.model, arch, self.token_shape, 0)
+        names = arch.component_names()
+        parts = {
+            name: path_model.Values(self.pool[cid].params, self.pool[cid].statistics)
+            for name, cid in zip(names, self.paths[path_id].components, strict=True)
+        }
+        return path_model.assemble(fresh, parts)
+
+    def mixture(self, task: str) -> data.Mixture:
+        if task not in self._mixtures:
+            self._mixtures[task] = data.Mixture(
+                {task: 1.0},
+                image_size=self.settings.image_size,
+                patch_size=self.settings.patch_size,
+                data_dir=self.settings.data_dir,
+                min_token_shape=self.token_shape,
+            )
+        return self._mixtures[task]
+
+    # -- one child ------------------------------------------------------------------------
+
+    def mutate(self, parent_id: int, task: str) -> tuple[int, dict[str, bool]]:
+        """A new child path of `parent_id` for `task`; returns (path id, {component: trainable})."""
+        parent, parent_arch = self.paths[parent_id], self.arch[parent_id]
+        rng = self.rng
+        hparams = mutation.mutate_hparams(rng, parent.hparams, LADDERS)
+        mu = float(hparams["mu"])
+        depth = parent_arch.depth
+        if rng.random() < mu:  # drop the top block, or take one more of the root's
+            root_depth = self.arch[self.root].depth
+            grow = depth < root_depth and (depth == 1 or rng.random() < 0.5)
+            depth = depth + 1 if grow else max(depth - 1, 1)
+        adapters = {i: s for i, s in parent_arch.adapters if i < depth}
+        free = [i for i in range(depth) if i not in adapters]
+        if free and rng.random() < mu:
+            adapters[int(rng.choice(free))] = int(hparams["adapter_size"])
+        num_classes, modality = self.task_info[task]
+        arch = path_model.Architecture(
+            depth, tuple(sorted(adapters.items())), num_classes, modality
+        )
+
+        inherited = dict(zip(parent_arch.component_names(), parent.components, strict=True))
+        root = dict(
+            zip(
+                self.arch[self.root].component_names(),
+                self.paths[self.root].components,
+                strict=True,
+            )
+        )
+        new_parts = None
+        components, trainable = [], {}
+        other_task = parent.task != task
+        for name in arch.component_names():
+            source = inherited.get(name)
+            if name == "head" and other_task:
+                source = None  # a new head for a new task
+            if name == "stem" and modality != parent_arch.modality:
+                source = None
+            if name.startswith("block") and source is None:
+                source = root.get(name)
+            if name.startswith("adapter") and source is not None:
+                size = dict(parent_arch.adapters)[int(name.removeprefix("adapter"))]
+                source = source if size == adapters[int(name.removeprefix("adapter"))] else None
+            if source is None:
+                if new_parts is None:
+                    new_parts = path_model.split(self._fresh(arch)[1])
+                cid = self.pool.add(
+                    name, new_parts[name].params, statistics=new_parts[name].statistics
+                )
+                self.lineage[cid] = "new"
+            else:
+                ((_, action),) = mutation.component_actions(rng, [source], self.pool, mu)
+                cid = self.pool.clone(source) if action == mutation.CLONE else source
+                if cid != source:  # a clone of a locked component, or of this task's own
+                    own = not self.pool[source].locks
+                    self.lineage[cid] = self.lineage.get(source, "cloned") if own else "cloned"
+            components.append(cid)
+            trainable[name] = self.pool[cid].trainable
+        child = self._add_path(task, components, hparams, arch, parent=parent_id)
+        return child, trainable
+
+    def train_child(
+        self, child_id: int, trainable: Mapping[str, bool], num_steps: int | None = None
+    ) -> float:
+        """Trains the child's unlocked components; stores the best point; returns q."""
+        settings, path, arch = self.settings, self.paths[child_id], self.arch[child_id]
+        steps = self.steps_for(arch)
+        state = self.state_of(child_id)
+        mask = child_lib.pure_mask(path_model.leaf_trainable(state, trainable), state)
+        opt_state = child_lib.with_learning_rate(
+            steps.tx.init(state["params"]), path.hparams["learning_rate"]
+        )
+        opt_state = self._inherit_opt_state(opt_state, path, arch)
+        mixture = self.mixture(path.task)
+        batches = mixture.iterator(
+            "train", batch_size=settings.batch_size, seed=int(self.rng.integers(2**31))
+        )
+
+        def validate(state):
+            return child_lib.accuracy(
+                steps,
+                state,
+                (
+                    b
+                    for _, b in mixture.eval_batches(
+                        "validation", batch_size=settings.eval_batch_size
+                    )
+                ),
+            )
+
+        result = child_lib.train(
+            steps,
+            state,
+            opt_state,
+            mask,
+            batches,
+            validate,
+            num_steps=num_steps or settings.steps,
+            validations=settings.validations,
+        )
+        parts = path_model.split(result.state)
+        opt_parts = _opt_parts(result.opt_state)
+        for name, cid in zip(arch.component_names(), path.components, strict=True):
+            if self.pool[cid].trainable:
+                opt = {k: v for k, v in opt_parts.items() if path_model.component_of(k[1]) == name}
+                self.pool.update(cid, parts[name].params, opt, parts[name].statistics)
+        return result.quality
+
+    def _inherit_opt_state(self, opt_state, path: Path, arch):
+        """Moment estimates of cloned components (mu2Net: a clone keeps its optimizer state)."""
+        stored = {}
+        for cid in path.components:
+            component = self.pool[cid]
+            if component.trainable and component.opt_state:
+                stored.update(component.opt_state)
+        if not stored:
+            return opt_state
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+        out = []
+        for key_path, leaf in leaves:
+            key = _opt_key(key_path)
+            value = stored.get(key) if key is not None else None
+            out.append(
+                leaf
+                if value is None or value.shape != leaf.shape
+                else jax.numpy.asarray(value, leaf.dtype)
+            )
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    # -- tasks and generations ------------------------------------------------------------
+
+    def run(self, on_step=None) -> None:
+        """Introduces every remaining task; on_step(system) after each generation and each
+        finished task (where the caller checkpoints: a resumed system goes on from there)."""
+        tasks = self.settings.tasks
+        while self.progress["task_index"] < len(tasks):
+            task = tasks[self.progress["task_index"]]
+            while self.progress["generation"] < self.settings.generations:
+                self.run_generation(task)
+                if on_step is not None:
+                    on_step(self)
+            self.finish_task(task)
+            if on_step is not None:
+                on_step(self)
+
+    def evolve_task(self, task: str) -> dict:
+        """Every generation of the current task, then its end; returns its record."""
+        expected = self.settings.tasks[self.progress["task_index"]]
+        if task != expected:
+            raise ValueError(f"task {task!r} is not next; the next task is {expected!r}")
+        while self.progress["generation"] < self.settings.generations:
+            self.run_generation(task)
+        return self.finish_task(task)
+
+    def run_generation(self, task: str) -> dict:
+        """One generation of children for `task` (the current task)."""
+        settings, progress = self.settings, self.progress
+        seeds = [self.paths[self.best[t]] for t in self.best] + [self.paths[self.root]]
+        population = [self.paths[i] for i in progress["population"]]
+        start = time.perf_counter()
+        compiled_before = len(self._steps)
+        children = []
+        for _ in range(settings.children):
+            parent = sampling.sample_parent(self.rng, population, seeds)
+            parent.children += 1
+            child_id, trainable = self.mutate(parent.id, task)
+            child = self.paths[child_id]
+            child.quality = self.train_child(child_id, trainable)
+            params = accounted_params(child.components, self.pool, task)
+            child.score = score(child.quality, params, self.root_params, settings.size_scale)
+            accepted = parent.task != task or child.score >= (parent.score or 0.0)
+            if accepted:
+                population.append(child)
+            else:
+                self.pool.drop(child.components)
+            children.append(
+                {
+                    "path": child_id,
+                    "parent": parent.id,
+                    "quality": child.quality,
+                    "score": child.score,
+                    "accounted_params": params,
+                    "accepted": accepted,
+                }
+            )
+        record = {
+            "generation": progress["generation"],
+            "children": children,
+            "compiles": len(self._steps) - compiled_before,
+            "seconds": time.perf_counter() - start,
+        }
+        progress["population"] = [p.id for p in population]
+        progress["generations"].append(record)
+        progress["generation"] += 1
+        return record
+
+    def finish_task(self, task: str) -> dict:
+        """Keeps the best path of `task`, locks its components, drops the rest."""
+        population = [self.paths[i] for i in self.progress["population"]]
+        best = max(population, key=lambda p: (p.score, -p.id))
+        self.pool.lock(best.components, task)
+        for path in population:
+            if path.id != best.id:
+                self.pool.drop(path.components)
+        self.best[task] = best.id
+        record = self._task_record(task, best, self.progress["generations"])
+        self.records[task] = record
+        for earlier in self.best:
+            self.records[earlier]["test_accuracy_now"] = self.test_accuracy(earlier)
+        self.progress = new_progress(self.progress["task_index"] + 1)
+        return record
+
+    def finetune(self, task: str) -> dict:
+        """The baseline muNet compares with: the root fine-tuned as a full copy for `task`
+        (every component cloned, a new head), trained as long as a path can be over the
+        task's generations; its components are dropped afterwards."""
+        root_arch = self.arch[self.root]
+        num_classes, modality = self.task_info[task]
+        arch = path_model.Architecture(root_arch.depth, (), num_classes, modality)
+        fresh = path_model.split(self._fresh(arch)[1])
+        root = dict(zip(root_arch.component_names(), self.paths[self.root].components, strict=True))
+        components = []
+        for name in arch.component_names():
+            if name == "head" or (name == "stem" and modality != root_arch.modality):
+                cid = self.pool.add(name, fresh[name].params, statistics=fresh[name].statistics)
+            else:
+                cid = self.pool.clone(root[name])
+            components.append(cid)
+        path_id = self._add_path(task, components, dict(self.paths[self.root].hparams), arch, None)
+        trainable = dict.fromkeys(arch.component_names(), True)
+        quality = self.train_child(
+            path_id, trainable, self.settings.steps * self.settings.generations
+        )
+        result = {
+            "quality": quality,
+            "test_accuracy": self.test_accuracy(task, path_id),
+            "params": float(sum(self.pool[c].size for c in components)),
+        }
+        self.pool.drop(components)
+        return result
+
+    def _task_record(self, task: str, best: Path, generations: list) -> dict:
+        names = self.arch[best.id].component_names()
+        kinds = {}
+        for name, cid in zip(names, best.components, strict=True):
+            reused = self.pool[cid].locks - {task}
+            kinds[name] = "reused" if reused else self.lineage.get(cid, "new")
+        return {
+            "task": task,
+            "path": best.id,
+            "components": {
+                name: {"id": cid, "kind": kinds[name]}
+                for name, cid in zip(names, best.components, strict=True)
+            },
+            "architecture": dataclasses.asdict(self.arch[best.id]),
+            "hparams": dict(best.hparams),
+            "quality": best.quality,
+            "score": best.score,
+            "accounted_params": accounted_params(best.components, self.pool, task),
+            "test_accuracy_when_added": self.test_accuracy(task, best.id),
+            "generations": generations,
+        }
+
+    def test_accuracy(self, task: str, path_id: int | None = None) -> float:
+        path_id = self.best[task] if path_id is None else path_id
+        steps = self.steps_for(self.arch[path_id])
+        batches = (
+            b
+            for _, b in self.mixture(task).eval_batches(
+                "test", batch_size=self.settings.eval_batch_size
+            )
+        )
+        return child_lib.accuracy(steps, self.state_of(path_id), batches)
+
+    def test_logits(self, task: str) -> np.ndarray:
+        path_id = self.best[task]
+        steps = self.steps_for(self.arch[path_id])
+        batches = (
+            b
+            for _, b in self.mixture(task).eval_batches(
+                "test", batch_size=self.settings.eval_batch_size
+            )
+        )
+        return child_lib.logits_of(steps, self.state_of(path_id), batches)
+
+
+def new_progress(task_index: int) -> dict:
+    """Where the run stands: the task being introduced, its next generation, its
+    population (path ids) and the records of its finished generations."""
+    return {"task_index": task_index, "generation": 0, "population": [], "generations": []}
+
+
+def _opt_key(key_path) -> tuple[str, tuple] | None:
+    """("mu" | "nu", parameter path) of an Adam moment leaf; None for other leaves."""
+    names = [getattr(k, "name", None) for k in key_path]
+    for slot in ("mu", "nu"):
+        if slot in names:
+            index = names.index(slot)
+            return slot, tuple(path_model._key(k) for k in key_path[index + 1 :])
+    return None
+
+
+def _opt_parts(opt_state) -> dict[tuple[str, tuple], np.ndarray]:
+    """{(slot, parameter path): array} of the Adam moments in `opt_state`."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        key = _opt_key(key_path)
+        if key is not None:
+            out[key] = np.array(leaf, copy=True)
+    return out

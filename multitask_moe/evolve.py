@@ -1,0 +1,139 @@
+"""python -m multitask_moe.evolve --config=configs/evolve.py --workdir=W [--config.k=v]
+
+Introduces the configured tasks one after another into a growing system (muNet; the
+multitask_moe.evolution package, docs/methods.md section 3). After every generation the
+whole system is checkpointed in W/system and W/evolution.json is rewritten; the same
+command resumes a killed run from its last generation. At the end it prints a per-task
+table and writes W/system.png (tasks x components). With --config.evolve.baseline=True
+each task is also fine-tuned from the root as a full copy, for comparison.
+
+Bad input (an unknown task, s outside (0, 1], mu outside [0, 1], an empty task list, a
+workdir made by a different config) prints one `error:` line, exits with status 2 and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from multitask_moe.train import runtime  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Evolution config file, configs/evolve.py[:arg].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the evolving system.")
+
+SYSTEM_DIR = "system"
+SUMMARY_FILE = "evolution.json"
+
+
+def settings_from_config(config):
+    """evolution.Settings of an evolution config (configs/evolve.py)."""
+    from multitask_moe.evolution import Settings
+
+    evolve = config.evolve
+    return Settings(
+        tasks=tuple(name.strip() for name in evolve.tasks.split(",") if name.strip()),
+        model=config.model,
+        generations=evolve.generations,
+        children=evolve.children,
+        steps=evolve.steps,
+        validations=evolve.validations,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        size_scale=evolve.size_scale,
+        weight_decay=config.optimizer.weight_decay,
+        aux_weights=dict(config.aux_loss.to_dict()),
+        image_size=config.data.image_size,
+        patch_size=config.data.patch_size,
+        data_dir=config.data.data_dir or None,
+        seed=config.seed,
+        mu=evolve.mu,
+        learning_rate=evolve.learning_rate,
+        adapter_size=evolve.adapter_size,
+    )
+
+
+def evolve(config, workdir: str) -> dict:
+    """Runs (or resumes) the evolution of `config` in `workdir`; returns evolution.json.
+
+    Raises ValueError (before writing anything) for a config that cannot run.
+    """
+    import tensorflow as tf
+
+    from multitask_moe.evolution import System, report
+    from multitask_moe.evolution.store import SystemCheckpoints
+    from multitask_moe.train import config_lib
+
+    settings = settings_from_config(config)
+    settings.check()
+    before = config_lib.read_config(workdir) if tf.io.gfile.isdir(workdir) else None
+    if before is not None:
+        changed = config_lib.changed_fields(before, config)
+        if changed:
+            raise ValueError(
+                f"workdir {workdir} was made by a different config ({', '.join(changed[:4])}"
+                f"{' ...' if len(changed) > 4 else ''}); use a new --workdir"
+            )
+    system = System(settings)  # builds the tasks' data: an unknown task raises here
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2) + "\n")
+    checkpoints = SystemCheckpoints(os.path.join(workdir, SYSTEM_DIR))
+    try:
+        restored = checkpoints.restore(settings)
+        if restored is not None:
+            system = restored
+            print(f"Resuming: {len(system.best)} tasks done, {system.progress}.", flush=True)
+        step = [checkpoints.latest_step() or 0]
+        summary_path = os.path.join(workdir, SUMMARY_FILE)
+
+        def save(system):
+            step[0] += 1
+            checkpoints.save(step[0], system)
+            report.write_json(summary_path, report.summary(system))
+            done = len(system.best)
+            print(
+                f"task {done}/{len(settings.tasks)}, generation {system.progress['generation']}: "
+                f"{len(system.pool)} live components",
+                flush=True,
+            )
+
+        system.run(on_step=save)
+        baseline = {}
+        if config.evolve.baseline:
+            baseline = {task: system.finetune(task) for task in settings.tasks}
+        contents = report.summary(system, baseline)
+        report.write_json(summary_path, contents)
+        report.picture(system, os.path.join(workdir, "system.png"))
+        print(report.table(system, baseline), flush=True)
+        return contents
+    finally:
+        checkpoints.close()
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        runtime.fail(f"unexpected arguments {argv[1:]}")
+    config = runtime.loaded_config(_CONFIG.value, flags.FLAGS["config"].serialize())
+    if not _WORKDIR.value:
+        runtime.fail("--workdir is required (e.g. --workdir=workdir/evolve)")
+    runtime.configure_jax(config)
+    try:
+        evolve(config, _WORKDIR.value)
+    except (ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        runtime.fail(str(message))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=lambda argv: runtime.parse_flags(argv, flags.FLAGS))
+    sys.exit(0)

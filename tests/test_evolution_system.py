@@ -1,0 +1,194 @@
+"""The evolving system on the project's model: locks hold, earlier tasks stay
+bit-identical, scores are the formula's, the checkpoint round-trips, a killed run resumes.
+
+One tiny system (tabular tasks, d_model 16, 2 blocks, an MoE block) is built once for
+the module; the command-line runs are slow-marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from multitask_moe.evolution import System, paths
+from multitask_moe.evolution.store import SystemCheckpoints
+from multitask_moe.evolve import evolve, settings_from_config
+from multitask_moe.train import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "evolve.tasks": "iris, wine",
+    "evolve.generations": 1,
+    "evolve.children": 2,
+    "evolve.steps": 12,
+    "evolve.validations": 2,
+    "model.d_model": 16,
+    "model.mlp_dim": 16,
+    "batch_size": 16,
+    "eval_batch_size": 64,
+}
+
+
+def tiny_config(**changes):
+    config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve")
+    return config_lib.set_fields(config, {**TINY, **changes})
+
+
+def locked_arrays(system: System) -> dict:
+    return {
+        (c.id, path): np.array(value)
+        for c in system.pool
+        if c.locks
+        for path, value in c.params.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def grown():
+    """The system after its first task and after its second, with what was seen between."""
+    system = System(settings_from_config(tiny_config()))
+    first = system.evolve_task("iris")
+    logits = system.test_logits("iris")
+    locked = locked_arrays(system)
+    second = system.evolve_task("wine")
+    return system, first, second, logits, locked
+
+
+def test_earlier_task_is_bit_identical_after_a_new_one(grown):
+    system, first, _, logits, _ = grown
+    np.testing.assert_array_equal(system.test_logits("iris"), logits)
+    assert system.records["iris"]["test_accuracy_now"] == first["test_accuracy_when_added"]
+
+
+def test_no_locked_parameter_changes(grown):
+    system, _, _, _, locked = grown
+    now = locked_arrays(system)
+    for key, value in locked.items():
+        np.testing.assert_array_equal(now[key], value)  # still alive, same bits
+
+
+def test_scores_follow_the_formula(grown):
+    system, first, second, _, _ = grown
+    for task, record, later in (("iris", first, {"wine"}), ("wine", second, set())):
+        path = system.paths[record["path"]]
+        by_hand = 0.0
+        for cid in path.components:  # the sharing when the task was added
+            component = system.pool[cid]
+            by_hand += component.size / len((component.locks - later) | {task})
+        assert record["accounted_params"] == pytest.approx(by_hand)
+        assert record["score"] == pytest.approx(
+            paths.score(record["quality"], by_hand, system.root_params, 1.0)
+        )
+        assert all(task in system.pool[c].locks for c in path.components)
+    # The root is never trainable; every component the second task reuses is locked.
+    assert all(not system.pool[c].trainable for c in system.paths[system.root].components)
+    reused = [c["id"] for c in second["components"].values() if c["kind"] == "reused"]
+    assert all(system.pool[c].locks - {"wine"} for c in reused)
+
+
+def test_checkpoint_round_trip(grown, tmp_path):
+    system, *_ = grown
+    checkpoints = SystemCheckpoints(str(tmp_path / "system"))
+    checkpoints.save(1, system)
+    restored = checkpoints.restore(system.settings)
+    checkpoints.close()
+    assert restored.best == system.best and restored.progress == system.progress
+    assert {c.id: (c.name, c.locks) for c in restored.pool} == {
+        c.id: (c.name, c.locks) for c in system.pool
+    }
+    for task in system.best:
+        np.testing.assert_array_equal(restored.test_logits(task), system.test_logits(task))
+    assert restored.rng.random() == system.rng.random()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"evolve.tasks": "iris, nope"}, "Unknown task 'nope'"),
+        ({"evolve.size_scale": 1.5}, r"size scale s=1.5 must be in (0, 1]"),
+        ({"evolve.size_scale": 0.0}, r"size scale s=0.0 must be in (0, 1]"),
+        ({"evolve.mu": 1.5}, "mu=1.5 must be in [0, 1]"),
+        ({"evolve.tasks": ""}, "tasks is empty"),
+        ({"evolve.tasks": "iris, iris"}, "appear twice"),
+        ({"evolve.learning_rate": 0.5}, "is not on its ladder"),
+    ],
+    ids=["unknown task", "s above 1", "s zero", "mu", "no tasks", "twice", "ladder"],
+)
+def test_bad_input_one_line_nothing_written(changes, message, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises((ValueError, KeyError)) as caught:
+        evolve(tiny_config(**changes), str(workdir))
+    text = str(caught.value)
+    assert message in text and "\n" not in text.strip()
+    assert not workdir.exists()
+
+
+def test_a_workdir_of_another_config_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(tiny_config().to_json_best_effort())
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(
+        ValueError, match=r"was made by a different config \(evolve.steps: 12 -> 13"
+    ):
+        evolve(tiny_config(**{"evolve.steps": 13}), str(workdir))
+    assert sorted(os.listdir(workdir)) == before
+
+
+def _command(workdir, *extra):
+    args = [f"--config.{key}={value}" for key, value in TINY.items()]
+    return [
+        sys.executable,
+        "-m",
+        "multitask_moe.evolve",
+        "--config=configs/evolve.py",
+        f"--workdir={workdir}",
+        *args,
+        "--config.evolve.tasks=iris, wine, synthetic/a0",
+        *extra,
+    ]
+
+
+@pytest.mark.slow  # three command-line runs of three tasks
+def test_sigkill_mid_generation_resumes_to_the_same_system(tmp_path):
+    straight = subprocess.run(
+        _command(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    # Kill once the second task is under way: its first generation is checkpointed.
+    while process.poll() is None and time.monotonic() < deadline:
+        summary = workdir / "evolution.json"
+        if summary.exists() and len(json.loads(summary.read_text())["finished"]) >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before the kill"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(
+        _command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "straight" / "evolution.json").read_text())
+    b = json.loads((workdir / "evolution.json").read_text())
+    for record in (a, b):
+        for task in record["per_task"].values():
+            for generation in task["generations"]:
+                generation.pop("seconds")
+                generation.pop("compiles")  # a resumed process compiles again
+    assert a == b
+    # Immutability after three tasks: each task's accuracy now is the one when added.
+    for task in b["per_task"].values():
+        assert task["test_accuracy_now"] == task["test_accuracy_when_added"]
+    assert (workdir / "system.png").exists()
