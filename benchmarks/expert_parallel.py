@@ -159,12 +159,14 @@ def measure_mesh(args, mesh_text: str) -> list[dict]:
     runnable = {label: mode for label, *mode in MODES}
     if jax.default_backend() == "cpu":
         runnable.pop("dropless ragged")  # XLA has no CPU ragged all-to-all
-    steps = {
-        label: make_step(args, cf, exchange, mesh) for label, (cf, exchange) in runnable.items()
-    }
-    steps["one device, cf 1.25"] = make_step(args, 1.25, "auto", None)
-    steps["one device, dropless"] = make_step(args, None, "auto", None)
-    times = step_times(args, steps)
+    times = {}
+    if args.runs > 0:  # --runs=0: bytes only (no step is compiled or timed)
+        steps = {
+            label: make_step(args, cf, exchange, mesh) for label, (cf, exchange) in runnable.items()
+        }
+        steps["one device, cf 1.25"] = make_step(args, 1.25, "auto", None)
+        steps["one device, dropless"] = make_step(args, None, "auto", None)
+        times = step_times(args, steps)
     rows = []
     for label, cf, exchange in MODES:
         if label in runnable:

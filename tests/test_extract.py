@@ -188,6 +188,7 @@ def test_bad_extractions_say_why_in_one_line_and_write_nothing(source, sliced, t
     assert not out.exists()
 
 
+@pytest.mark.slow  # restores and rewrites the source
 def test_a_checkpoint_with_nan_is_refused_naming_the_step(source, tmp_path):
     import jax
 

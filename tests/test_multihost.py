@@ -16,6 +16,7 @@ from multitask_moe import parallel
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
+@pytest.mark.slow  # two fresh interpreters
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process(tmp_path):

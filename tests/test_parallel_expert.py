@@ -257,7 +257,12 @@ def emulated_ragged(monkeypatch):
 
 @pytest.mark.parametrize(
     "routing, mesh_shape",
-    [(routing, (2, 4)) for routing in TOKEN_CHOICE] + [("tokens", (1, 8)), ("task", (4, 2))],
+    [("tokens", (2, 4)), ("task", (4, 2))]
+    + [
+        pytest.param(routing, shape, marks=pytest.mark.slow)
+        for routing, shape in [("task_tokens", (2, 4)), ("per_task", (2, 4)), ("tokens", (1, 8))]
+    ]
+    + [pytest.param("task", (2, 4), marks=pytest.mark.slow)],
     ids=lambda v: f"data{v[0]}xexpert{v[1]}" if isinstance(v, tuple) else v,
 )
 def test_ragged_exchange_matches_unsharded(routing, mesh_shape, emulated_ragged):
@@ -396,7 +401,7 @@ def test_tiled_experts_under_mesh_match_unsharded():
         ("tokens", 1.0, "auto"),
         ("experts", 1.0, "auto"),
         ("task_tokens", None, "ring"),
-        ("task_tokens", None, "ragged"),
+        pytest.param("task_tokens", None, "ragged", marks=pytest.mark.slow),
     ],
     ids=("tokens-capacity", "experts-capacity", "dropless-ring", "dropless-ragged"),
 )

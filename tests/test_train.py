@@ -242,7 +242,9 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(HALF), str(2 * HALF)]
 
 
-@pytest.mark.parametrize("damage", ["array files gone", "progress missing"])
+@pytest.mark.parametrize(
+    "damage", ["array files gone", pytest.param("progress missing", marks=pytest.mark.slow)]
+)
 def test_a_damaged_step_falls_back_to_the_previous_one(experiment, reference, tmp_path, damage):
     workdir, _ = reference
     copy_checkpoints(workdir, tmp_path, HALF, 2 * HALF)
@@ -264,6 +266,7 @@ def test_a_damaged_step_falls_back_to_the_previous_one(experiment, reference, tm
     assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
 
 
+@pytest.mark.slow  # compiles a second model
 def test_resume_with_other_parameter_shapes_names_the_changed_fields(reference, tmp_path):
     workdir, _ = reference
     copy_checkpoints(workdir, tmp_path, 2 * HALF)
@@ -279,6 +282,7 @@ def test_resume_with_other_parameter_shapes_names_the_changed_fields(reference, 
     assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
 
 
+@pytest.mark.slow  # a whole run
 def test_a_failing_checkpoint_write_names_the_step_and_keeps_the_previous(
     experiment, tmp_path, monkeypatch
 ):
@@ -517,10 +521,25 @@ BAD_COMMANDS = {
 }
 
 
-def test_bad_commands_fail_with_one_line_and_write_nothing(tmp_path):
+# In `make test`; the rest of the table runs with the slow tests (a process start each).
+QUICK_COMMANDS = ("task weight not a number", "missing config file")
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        QUICK_COMMANDS,
+        pytest.param(
+            tuple(n for n in BAD_COMMANDS if n not in QUICK_COMMANDS), marks=pytest.mark.slow
+        ),
+    ],
+    ids=["quick", "rest"],
+)
+def test_bad_commands_fail_with_one_line_and_write_nothing(names, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     processes = {}
-    for name, (command, _) in BAD_COMMANDS.items():
+    for name in names:
+        command = BAD_COMMANDS[name][0]
         workdir = tmp_path / name.replace(" ", "_")
         processes[name] = (
             workdir,

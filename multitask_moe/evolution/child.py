@@ -56,6 +56,11 @@ class ChildSteps:
     train_step: Callable
     eval_step: Callable
     tx: optax.GradientTransformation
+    # The same steps over a stack of children [g, ...] (one per device when the stack is
+    # sharded over them); the eval batch is shared: every child of a generation has the
+    # same task.
+    train_steps: Callable
+    eval_steps: Callable
 
     @classmethod
     def build(
@@ -83,7 +88,6 @@ class ChildSteps:
             new_model_state = nnx.state(model, nnx.Not(nnx.Param))  # rng streams moved on
             return task + extra, (task, new_model_state, jax.lax.stop_gradient(aux))
 
-        @jax.jit
         def train_step(state, opt_state, batch, trainable):
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (_, (task, model_state, aux)), grads = grad_fn(
@@ -104,14 +108,19 @@ class ChildSteps:
             )
             return {"params": params, "model_state": model_state}, opt_state, task
 
-        @jax.jit
         def eval_step(state, batch):
             model = nnx.merge(graphdef, state["params"], state["model_state"])
             logits, _ = model(batch["inputs"], batch["mask"], batch["task_id"], deterministic=True)
             correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
             return jnp.sum(correct), jnp.sum(batch["valid"]), logits
 
-        return cls(train_step, eval_step, tx)
+        return cls(
+            jax.jit(train_step),
+            jax.jit(eval_step),
+            tx,
+            jax.jit(jax.vmap(train_step)),
+            jax.jit(jax.vmap(eval_step, in_axes=(0, None))),
+        )
 
 
 def pure_mask(trainable: Mapping[str, object], state: Mapping[str, nnx.State]) -> dict:
@@ -140,6 +149,22 @@ def logits_of(steps: ChildSteps, state, batches) -> np.ndarray:
         _, _, logits = steps.eval_step(state, batch)
         out.append(np.asarray(logits)[np.asarray(batch["valid"])])
     return np.concatenate(out)
+
+
+def _rows(keep, new, old):
+    """Per child (leading axis): new where keep[c], else old."""
+
+    def pick(n, o):
+        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+            data = pick(jax.random.key_data(n), jax.random.key_data(o))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
+        return jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _stack(trees, sharding):
+    return jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *trees), sharding)
 
 
 @dataclasses.dataclass
@@ -177,3 +202,62 @@ def train(
                 best = Trained(state, opt_state, quality, [])
     best.losses = [float(v) for v in losses]
     return best
+
+
+def train_together(
+    steps: ChildSteps,
+    states: list[dict],
+    opt_states: list,
+    trainables: list[dict],
+    batches: list[Iterator[dict[str, np.ndarray]]],
+    validation: Callable[[], Iterator[dict[str, np.ndarray]]],
+    *,
+    num_steps: int,
+    validations: int,
+) -> list[Trained]:
+    """`train` for g children of one architecture at once: their states stacked on a
+    leading axis sharded over the first g devices (one child per device, as mu2Net), one
+    compiled program per (architecture, g). Each child keeps its own best point; a child
+    whose loss turns non-finite stops improving (quality 0 if it never validated)."""
+    count = len(states)
+    devices = jax.devices()
+    if count > len(devices):
+        raise ValueError(f"{count} children of one architecture; at most {len(devices)} devices")
+    mesh = jax.sharding.Mesh(
+        np.array(devices[:count]), ("child",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("child"))
+    state = _stack(states, sharding)
+    opt_state = _stack(opt_states, sharding)
+    trainable = _stack(trainables, sharding)
+    every = max(num_steps // max(validations, 1), 1)
+    best_state, best_opt = state, opt_state
+    best = np.full(count, -1.0)
+    failed = np.zeros(count, bool)
+    losses = []
+    for step in range(1, num_steps + 1):
+        batch = _stack([next(b) for b in batches], sharding)
+        state, opt_state, loss = steps.train_steps(state, opt_state, batch, trainable)
+        losses.append(loss)
+        if step % every == 0 or step == num_steps:
+            failed |= ~np.isfinite(np.asarray(loss))
+            correct, total = np.zeros(count), np.zeros(count)
+            for eval_batch in validation():
+                c, n, _ = steps.eval_steps(state, eval_batch)
+                correct, total = correct + np.asarray(c), total + np.asarray(n)
+            quality = correct / np.maximum(total, 1)
+            improved = (quality > best) & ~failed
+            keep = jax.device_put(improved, sharding)
+            best_state = _rows(keep, state, best_state)
+            best_opt = _rows(keep, opt_state, best_opt)
+            best = np.where(improved, quality, best)
+    history = np.asarray(jnp.stack(losses))  # [steps, g]
+    return [
+        Trained(
+            jax.tree.map(lambda x, c=c: x[c], best_state),
+            jax.tree.map(lambda x, c=c: x[c], best_opt),
+            float(max(best[c], 0.0)),
+            history[:, c].tolist(),
+        )
+        for c in range(count)
+    ]

@@ -236,11 +236,9 @@ class System:
         child = self._add_path(task, components, hparams, arch, parent=parent_id)
         return child, trainable
 
-    def train_child(
-        self, child_id: int, trainable: Mapping[str, bool], num_steps: int | None = None
-    ) -> float:
-        """Trains the child's unlocked components; stores the best point; returns q."""
-        settings, path, arch = self.settings, self.paths[child_id], self.arch[child_id]
+    def _prepare(self, child_id: int, trainable: Mapping[str, bool]):
+        """(state, opt_state, frozen mask, train batches) of a child about to train."""
+        path, arch = self.paths[child_id], self.arch[child_id]
         steps = self.steps_for(arch)
         state = self.state_of(child_id)
         mask = child_lib.pure_mask(path_model.leaf_trainable(state, trainable), state)
@@ -248,40 +246,69 @@ class System:
             steps.tx.init(state["params"]), path.hparams["learning_rate"]
         )
         opt_state = self._inherit_opt_state(opt_state, path, arch)
-        mixture = self.mixture(path.task)
-        batches = mixture.iterator(
-            "train", batch_size=settings.batch_size, seed=int(self.rng.integers(2**31))
+        batches = self.mixture(path.task).iterator(
+            "train", batch_size=self.settings.batch_size, seed=int(self.rng.integers(2**31))
         )
+        return state, opt_state, mask, batches
 
-        def validate(state):
-            return child_lib.accuracy(
-                steps,
-                state,
-                (
-                    b
-                    for _, b in mixture.eval_batches(
-                        "validation", batch_size=settings.eval_batch_size
-                    )
-                ),
-            )
+    def _validation(self, task: str):
+        mixture, size = self.mixture(task), self.settings.eval_batch_size
+        return lambda: (b for _, b in mixture.eval_batches("validation", batch_size=size))
 
+    def _store(self, child_id: int, trained: child_lib.Trained) -> None:
+        """The trained values of the child's unlocked components go into the pool."""
+        path, arch = self.paths[child_id], self.arch[child_id]
+        parts = path_model.split(trained.state)
+        opt_parts = _opt_parts(trained.opt_state)
+        for name, cid in zip(arch.component_names(), path.components, strict=True):
+            if self.pool[cid].trainable:
+                opt = {k: v for k, v in opt_parts.items() if path_model.component_of(k[1]) == name}
+                self.pool.update(cid, parts[name].params, opt, parts[name].statistics)
+
+    def train_child(
+        self, child_id: int, trainable: Mapping[str, bool], num_steps: int | None = None
+    ) -> float:
+        """Trains one child on the default device; stores its best point; returns q."""
+        steps = self.steps_for(self.arch[child_id])
+        state, opt_state, mask, batches = self._prepare(child_id, trainable)
+        validation = self._validation(self.paths[child_id].task)
         result = child_lib.train(
             steps,
             state,
             opt_state,
             mask,
             batches,
-            validate,
-            num_steps=num_steps or settings.steps,
-            validations=settings.validations,
+            lambda state: child_lib.accuracy(steps, state, validation()),
+            num_steps=num_steps or self.settings.steps,
+            validations=self.settings.validations,
         )
-        parts = path_model.split(result.state)
-        opt_parts = _opt_parts(result.opt_state)
-        for name, cid in zip(arch.component_names(), path.components, strict=True):
-            if self.pool[cid].trainable:
-                opt = {k: v for k, v in opt_parts.items() if path_model.component_of(k[1]) == name}
-                self.pool.update(cid, parts[name].params, opt, parts[name].statistics)
+        self._store(child_id, result)
         return result.quality
+
+    def train_children(self, children: list[tuple[int, Mapping[str, bool]]]) -> list[float]:
+        """Trains a generation's children: those of one architecture together, one per
+        device (child.train_together); returns their qualities in order."""
+        groups: dict[path_model.Architecture, list[int]] = {}
+        for index, (child_id, _) in enumerate(children):
+            groups.setdefault(self.arch[child_id], []).append(index)
+        devices = len(jax.devices())
+        prepared = [self._prepare(child_id, trainable) for child_id, trainable in children]
+        qualities = [0.0] * len(children)
+        for arch, members in groups.items():
+            steps = self.steps_for(arch)
+            for start in range(0, len(members), devices):
+                chunk = members[start : start + devices]
+                results = child_lib.train_together(
+                    steps,
+                    *([prepared[i][k] for i in chunk] for k in range(4)),
+                    self._validation(self.paths[children[chunk[0]][0]].task),
+                    num_steps=self.settings.steps,
+                    validations=self.settings.validations,
+                )
+                for index, result in zip(chunk, results, strict=True):
+                    self._store(children[index][0], result)
+                    qualities[index] = result.quality
+        return qualities
 
     def _inherit_opt_state(self, opt_state, path: Path, arch):
         """Moment estimates of cloned components (mu2Net: a clone keeps its optimizer state)."""
@@ -336,13 +363,19 @@ class System:
         population = [self.paths[i] for i in progress["population"]]
         start = time.perf_counter()
         compiled_before = len(self._steps)
-        children = []
+        # Parents are drawn from the population as it stood when the generation began;
+        # then the children train together (mu2Net).
+        planned = []
         for _ in range(settings.children):
             parent = sampling.sample_parent(self.rng, population, seeds)
             parent.children += 1
             child_id, trainable = self.mutate(parent.id, task)
+            planned.append((parent, child_id, trainable))
+        qualities = self.train_children([(child_id, tr) for _, child_id, tr in planned])
+        children = []
+        for (parent, child_id, _), quality in zip(planned, qualities, strict=True):
             child = self.paths[child_id]
-            child.quality = self.train_child(child_id, trainable)
+            child.quality = quality
             params = accounted_params(child.components, self.pool, task)
             child.score = score(child.quality, params, self.root_params, settings.size_scale)
             accepted = parent.task != task or child.score >= (parent.score or 0.0)

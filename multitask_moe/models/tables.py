@@ -1,8 +1,8 @@
 """Per-example reads of per-task tables under Explicit mesh axes.
 
 With Explicit axes a gather must say how its output is sharded; rows picked by
-batch-sharded task ids are batch-sharded like the ids. Outside any mesh these are plain
-indexing.
+batch-sharded task ids are batch-sharded like the ids. Outside any mesh, and over Auto
+axes (children of an evolution stacked over devices), these are plain indexing.
 
 Shape legend: B batch, T tasks.
 """
@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec
 def take_rows(table: jax.Array, task_ids: jax.Array) -> jax.Array:
     """table [T, ...], task_ids [B] -> table[task_ids] [B, ...], sharded like task_ids."""
     sharding = jax.typeof(task_ids).sharding
-    if sharding.mesh.empty:
-        return table[task_ids]
+    explicit = jax.sharding.AxisType.Explicit
+    if sharding.mesh.empty or explicit not in sharding.mesh.axis_types:
+        return table[task_ids]  # no mesh, or Auto axes: XLA propagates the sharding
     batch_axes = sharding.spec[0] if len(sharding.spec) else None
     out_spec = PartitionSpec(batch_axes, *([None] * (table.ndim - 1)))
     return table.at[task_ids].get(out_sharding=out_spec)
