@@ -31,7 +31,7 @@ test-slow: install
 
 bench: install
 	mkdir -p $(BENCH_OUT)
-	for b in moe_layer expert_parallel input_pipeline train_step extraction; do \
+	for b in moe_layer expert_parallel input_pipeline train_step extraction evolution; do \
 	  if test -f benchmarks/$$b.py; then $(PY) benchmarks/$$b.py --out=$(BENCH_OUT)/$$b.json || exit 1; fi; \
 	done
 

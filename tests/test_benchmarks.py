@@ -115,3 +115,20 @@ def test_extraction_benchmark_runs(tmp_path):
         assert row["speedup"] > 0 and row["peak_bytes"]["extracted"] > 0
     task_row = result["variants"]["task"]["tasks"][0]
     assert set(task_row["kept_experts"].values()) == {2}  # top-k of the task's routing row
+
+
+@pytest.mark.slow  # a short evolution of one task
+def test_evolution_benchmark_runs(tmp_path):
+    result = _run(
+        "evolution.py",
+        tmp_path / "result.json",
+        "--runs=1",
+        "--steps=2",
+        "--tasks=1",
+        "--set=evolve.steps=4",
+        "--set=evolve.generations=1",
+        "--set=evolve.children=2",
+    )
+    assert result["step_ratio_child_over_plain"] > 0
+    assert [g["generation"] for g in result["generations"]] == [0]
+    assert result["generations"][0]["compiles"] >= 1
