@@ -155,10 +155,7 @@ def _rows(keep, new, old):
     """Per child (leading axis): new where keep[c], else old."""
 
     def pick(n, o):
-        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
-            data = pick(jax.random.key_data(n), jax.random.key_data(o))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
-        return jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+        return _select(keep.reshape((-1,) + (1,) * (jnp.ndim(n) - 1)), n, o)
 
     return jax.tree.map(pick, new, old)
 

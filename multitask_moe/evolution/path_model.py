@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from multitask_moe import models
+from multitask_moe.train import checkpoint
 
 HEAD_LEAVES = ("head_kernel", "head_bias", "task_embedding", "task_loss_scale")
 Path = tuple  # a leaf's key path in the nested pure dict: ("blocks", 1, "mlp", ...)
@@ -137,7 +138,7 @@ def split(state: Mapping[str, nnx.State]) -> dict[str, Values]:
     for kind, field in (("params", "params"), ("model_state", "statistics")):
         for path, leaf in flatten(state[kind]).items():
             values = parts.setdefault(component_of(path), Values({}, {}))
-            getattr(values, field)[path] = np.array(_storable(leaf), copy=True)
+            getattr(values, field)[path] = np.array(checkpoint.to_storable(leaf), copy=True)
     return parts
 
 
@@ -155,19 +156,10 @@ def assemble(fresh: Mapping[str, nnx.State], parts: Mapping[str, Values]) -> dic
     return out
 
 
-def _storable(leaf):
-    """Typed PRNG keys (router noise streams) as their raw key data."""
-    if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(leaf)
-    return leaf
-
-
 def _restore(stored: np.ndarray, like):
-    if hasattr(like, "dtype") and jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(stored, impl=jax.random.key_impl(like))
-    if stored.shape != tuple(like.shape):
+    if stored.shape != tuple(jax.eval_shape(checkpoint.to_storable, like).shape):
         raise ValueError(f"component values of shape {stored.shape} for a leaf of {like.shape}")
-    return jax.numpy.asarray(stored, like.dtype)
+    return checkpoint.from_storable(jax.numpy.asarray(stored), like)
 
 
 def leaf_trainable(fresh: Mapping[str, nnx.State], trainable: Mapping[str, bool]) -> dict:

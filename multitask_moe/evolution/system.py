@@ -251,9 +251,10 @@ class System:
         )
         return state, opt_state, mask, batches
 
-    def _validation(self, task: str):
+    def _validation(self, task: str, split: str = "validation"):
+        """A function giving a fresh pass over the task's `split` batches."""
         mixture, size = self.mixture(task), self.settings.eval_batch_size
-        return lambda: (b for _, b in mixture.eval_batches("validation", batch_size=size))
+        return lambda: (b for _, b in mixture.eval_batches(split, batch_size=size))
 
     def _store(self, child_id: int, trained: child_lib.Trained) -> None:
         """The trained values of the child's unlocked components go into the pool."""
@@ -474,24 +475,14 @@ class System:
     def test_accuracy(self, task: str, path_id: int | None = None) -> float:
         path_id = self.best[task] if path_id is None else path_id
         steps = self.steps_for(self.arch[path_id])
-        batches = (
-            b
-            for _, b in self.mixture(task).eval_batches(
-                "test", batch_size=self.settings.eval_batch_size
-            )
-        )
-        return child_lib.accuracy(steps, self.state_of(path_id), batches)
+        test = self._validation(task, "test")()
+        return child_lib.accuracy(steps, self.state_of(path_id), test)
 
     def test_logits(self, task: str) -> np.ndarray:
         path_id = self.best[task]
         steps = self.steps_for(self.arch[path_id])
-        batches = (
-            b
-            for _, b in self.mixture(task).eval_batches(
-                "test", batch_size=self.settings.eval_batch_size
-            )
-        )
-        return child_lib.logits_of(steps, self.state_of(path_id), batches)
+        test = self._validation(task, "test")()
+        return child_lib.logits_of(steps, self.state_of(path_id), test)
 
 
 def new_progress(task_index: int) -> dict:
