@@ -9,7 +9,7 @@ CONFIG ?= configs/default.py
 ARGS ?=
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install train test test-slow bench lint clean
+.PHONY: install train test test-slow bench reproduce lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ bench: install
 	for b in moe_layer expert_parallel input_pipeline train_step extraction evolution; do \
 	  if test -f benchmarks/$$b.py; then $(PY) benchmarks/$$b.py --out=$(BENCH_OUT)/$$b.json || exit 1; fi; \
 	done
+
+# The papers' claims at small scale, 3 seeds: docs/results.md and docs/results/ (runs are
+# cached in workdir/experiments, so a killed run resumes). One claim:
+# `.venv/bin/python -m multitask_moe.experiments NAME` (docs/experiments.md).
+reproduce: install
+	$(PY) -m multitask_moe.experiments --jobs=3 $(ARGS)
 
 LINTED := multitask_moe tests benchmarks configs tools
 

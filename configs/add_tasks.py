@@ -20,7 +20,9 @@ routing row, so "routed from a related task" means taking that row):
         --workdir=workdir/unrelated
 
 Runs 2 and 3 read the seen model from workdir/seen; --config.init_from=DIR names another.
-Other routings: --config=configs/add_tasks.py:unseen,routing=task_tokens.
+Other routings: --config=configs/add_tasks.py:unseen,routing=task_tokens. Fewer examples
+of the held-out tasks: :unseen,shots=10. The seen and unrelated tasks trained together
+from the start (the reference for run 3): :joint.
 """
 
 from multitask_moe.train import config_lib
@@ -34,21 +36,26 @@ SEEN = {
     "breast_cancer": 0.5,
     "iris": 0.5,
 }
-HELD_OUT = "digits/parity=1@50, synthetic/a2=1@50"
+HELD_OUT = ("digits/parity", "synthetic/a2")
 UNRELATED = {"synthetic/b0": 1.0, "synthetic/b1": 1.0, "synthetic/b2": 1.0}
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, routing="task", unseen=False, unrelated=False)
-    if args.unseen and args.unrelated:
-        raise ValueError("add_tasks: choose one of unseen and unrelated")
+    args = config_lib.parse_arg(
+        arg, routing="task", unseen=False, unrelated=False, joint=False, shots=50
+    )
+    if args.unseen + args.unrelated + args.joint > 1:
+        raise ValueError("add_tasks: choose one of unseen, unrelated and joint")
     c = config_lib.sibling_config(__file__, "default", f"routing={args.routing}")
     c.data.tasks = config_lib.format_weights(SEEN)
+    if args.joint:
+        c.data.tasks = config_lib.format_weights({**SEEN, **UNRELATED})
     if args.unseen:
         c.init_from = "workdir/seen"
         # The seen tasks keep their ids and are evaluated, but only the new ones are sampled:
         # with freeze=shared nothing a seen task owns can move.
-        c.data.tasks = config_lib.format_weights(dict.fromkeys(SEEN, 0.0)) + ", " + HELD_OUT
+        held_out = ", ".join(f"{name}=1@{args.shots}" for name in HELD_OUT)
+        c.data.tasks = config_lib.format_weights(dict.fromkeys(SEEN, 0.0)) + ", " + held_out
         c.new_task_init = "nearest"
         c.freeze = "shared"
         c.num_train_steps = 500

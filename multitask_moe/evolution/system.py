@@ -460,7 +460,7 @@ class System:
             "task": task,
             "path": best.id,
             "components": {
-                name: {"id": cid, "kind": kinds[name]}
+                name: {"id": cid, "kind": kinds[name], "size": self.pool[cid].size}
                 for name, cid in zip(names, best.components, strict=True)
             },
             "architecture": dataclasses.asdict(self.arch[best.id]),

@@ -1,0 +1,163 @@
+"""docs/results.md, docs/results/<claim>.json and docs/results/<claim>.png from the
+per-seed measurements of each claim."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+from multitask_moe.experiments import stats
+from multitask_moe.experiments.claims import CLAIMS, Claim
+from multitask_moe.experiments.scale import Scale
+
+RESULTS_DIR = "results"
+RESULTS_FILE = "results.md"
+# Written by hand after reading a full run (what the numbers mean, what was looked into);
+# results.md includes it after the summary table, so a new run keeps it.
+DISCUSSION_FILE = "discussion.md"
+
+
+def setting_text(claim: Claim, scale: Scale) -> str:
+    fields = dataclasses.asdict(scale)
+    fields["evolve_tasks_text"] = ", ".join(scale.evolve_tasks)
+    return claim.setting.format(**fields)
+
+
+def claim_result(claim: Claim, scale: Scale, per_seed: Sequence[dict], seeds) -> dict:
+    """The JSON of one claim: per-seed values, mean and std per key, verdicts."""
+    numbers = [{k: v for k, v in m.items() if not k.startswith("note/")} for m in per_seed]
+    notes = sorted({k for m in per_seed for k in m if k.startswith("note/")})
+    return {
+        "claim": claim.number,
+        "name": claim.name,
+        "title": claim.title,
+        "paper": claim.paper,
+        "setting": setting_text(claim, scale),
+        "scale": scale.name,
+        "seeds": list(seeds),
+        "per_seed": per_seed,
+        "stats": {k: dataclasses.asdict(s) for k, s in stats.aggregate(numbers).items()},
+        "notes": {k.removeprefix("note/"): [m.get(k) for m in per_seed] for k in notes},
+        "verdicts": [dataclasses.asdict(stats.judge(c, numbers)) for c in claim.compares],
+    }
+
+
+def write_claim(out_dir: str, result: dict) -> None:
+    directory = os.path.join(out_dir, RESULTS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{result['name']}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(directory, f"{result['name']}.png"))
+
+
+def plot(result: dict, path: str) -> None:
+    """A horizontal bar per table row of the same unit as the first row (mean, with the
+    seeds' standard deviation as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    claim = CLAIMS[result["name"]]
+    rows = [(label, result["stats"][key]) for label, key in claim.rows if key in result["stats"]]
+    if not rows:
+        return
+    labels = [label for label, _ in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    ax.barh(
+        range(len(rows)),
+        [s["mean"] for _, s in rows],
+        xerr=[s["std"] for _, s in rows],
+        color="#4C72B0",
+        capsize=3,
+    )
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(f"{result['claim']}. {result['title']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(s: Mapping) -> str:
+    value = stats.Stat(**s)
+    if abs(value.mean) >= 100:
+        return f"{value.mean:,.0f} ± {value.std:,.0f}" if value.n > 1 else f"{value.mean:,.0f}"
+    return str(value)
+
+
+def _verdict_line(v: Mapping) -> str:
+    expect = {">": "higher", "<": "lower", "~": f"within {v['tolerance']}", "=": "equal"}[
+        v["expect"]
+    ]
+    d = stats.Stat(**v["difference"])
+    return f"- {v['label']}: difference {d} (paper: {expect}) -> **{v['outcome']}**"
+
+
+def claim_markdown(result: dict) -> str:
+    claim = CLAIMS[result["name"]]
+    lines = [
+        f"## {result['claim']}. {result['title']}",
+        "",
+        f"**Paper.** {result['paper']}",
+        "",
+        f"**Setting.** {result['setting']}",
+        "",
+        "| | mean ± std over seeds |",
+        "|---|---|",
+    ]
+    for label, key in claim.rows:
+        if key in result["stats"]:
+            lines.append(f"| {label} | {_fmt(result['stats'][key])} |")
+    lines += ["", "**Direction.**", ""]
+    lines += [_verdict_line(v) for v in result["verdicts"]]
+    if claim.per_task:
+        tasks = sorted(
+            {k.split("/", 1)[1] for k in result["stats"] if k.startswith(f"{claim.per_task[0]}/")},
+            key=lambda t: list(result["stats"]).index(f"{claim.per_task[0]}/{t}"),
+        )
+        lines += ["", "Per task (mean over seeds):", ""]
+        lines.append("| task | " + " | ".join(claim.per_task) + " |")
+        lines.append("|---" * (len(claim.per_task) + 1) + "|")
+        for task in tasks:
+            cells = [f"{result['stats'][f'{arm}/{task}']['mean']:.3f}" for arm in claim.per_task]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if result["notes"]:
+        lines += ["", "Per seed:", ""]
+        for key, values in result["notes"].items():
+            lines.append(f"- {key}: {', '.join(str(v) for v in values)}")
+    lines += ["", f"![{result['name']}]({RESULTS_DIR}/{result['name']}.png)", ""]
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    lines = ["| claim | statement | ours |", "|---|---|---|"]
+    for result in results:
+        for v in result["verdicts"]:
+            lines.append(f"| {result['claim']}. {result['name']} | {v['label']} | {v['outcome']} |")
+    return "\n".join(lines)
+
+
+def write_markdown(out_dir: str, header: str) -> str:
+    """Renders results.md from every claim JSON in out_dir/results (claim order) and the
+    hand-written discussion beside them."""
+    directory = os.path.join(out_dir, RESULTS_DIR)
+    discussion = ""
+    if os.path.exists(os.path.join(directory, DISCUSSION_FILE)):
+        with open(os.path.join(directory, DISCUSSION_FILE)) as f:
+            discussion = f.read().strip() + "\n"
+    results = []
+    for claim in CLAIMS.values():
+        path = os.path.join(directory, f"{claim.name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    text = "\n".join(
+        [header, "", summary_table(results), "", discussion, *map(claim_markdown, results)]
+    )
+    path = os.path.join(out_dir, RESULTS_FILE)
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n")
+    return path
