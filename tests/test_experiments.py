@@ -59,7 +59,7 @@ def test_runner_trains_once_and_reads_back(tmp_path, monkeypatch):
     assert (config["seed"], config["num_train_steps"], config["mesh"]) == (
         3,
         SCALES["smoke"].single_steps,
-        {"data": 1, "expert": 1},
+        {"data": -1, "expert": 1},
     )
     assert record["command"].startswith("python -m multitask_moe.train --config=configs/dense.py ")
     assert "--config.data.tasks='iris=1'" in record["command"]

@@ -3,9 +3,11 @@ once in this process and read back from its workdir afterwards.
 
 Every run is a config file of configs/ with its `:arg` and a few field overrides, so
 each is also a command a user can type (`Runner.command`). The experiments change the
-configs only where a comparison needs it: one device instead of the simulated (2, 4) mesh
-(the sharded layers equal the unsharded ones, tests/test_expert_parallel.py), the step
-counts of the Scale, no periodic evaluation, checkpoint or plots, and the seed.
+configs only where a comparison needs it: a data-parallel mesh over the devices the
+process has (one CPU device under `python -m multitask_moe.experiments`; the sharded
+layers equal the unsharded ones, tests/test_expert_parallel.py) instead of the simulated
+(2, 4) mesh, the step counts of the Scale, no periodic evaluation, checkpoint or plots,
+and the seed.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class Runner:
         changes = {
             "seed": seed,
             "num_cpu_devices": 0,
-            "mesh.data": 1,
+            "mesh.data": -1,  # data parallel over the devices there are (one on a CPU)
             "mesh.expert": 1,
             "num_train_steps": steps,
             "eval_every_steps": 0,
