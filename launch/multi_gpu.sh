@@ -2,7 +2,7 @@
 # One host, several GPUs: one process sees every local GPU; nothing to start up.
 # Needs the CUDA build in .venv: make install && .venv/bin/uv pip install --python
 # .venv/bin/python -c constraints.txt -e ".[cuda]"
-#   WORKDIR=/tmp/run1 launch/multi_gpu.sh [--config.num_train_steps=1000 ...]
+#   WORKDIR=/tmp/run1 launch/multi_gpu.sh [--dry-run] [--config.num_train_steps=1000 ...]
 # Several hosts without SLURM: run it on every host with the same coordinator:
 #   MTM_COORDINATOR_ADDRESS=host0:8476 MTM_NUM_PROCESSES=2 MTM_PROCESS_ID=0 (1 on host1) \
 #     WORKDIR=/shared/run1 launch/multi_gpu.sh
@@ -10,5 +10,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/common.sh
-exec "${PYTHON:-.venv/bin/python}" -m multitask_moe.train --config="$CONFIG" \
+run "${PYTHON:-.venv/bin/python}" -m multitask_moe.train --config="$CONFIG" \
   --workdir="$WORKDIR" "$@"

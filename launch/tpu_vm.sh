@@ -2,7 +2,7 @@
 # Cloud TPU VM (single host or pod slice): create it, ship this checkout, train on all
 # workers.
 #   TPU_NAME=mtm ZONE=us-central2-b ACCELERATOR=v4-32 WORKDIR=gs://bucket/run1 \
-#     launch/tpu_vm.sh [--config.num_train_steps=1000 ...]
+#     launch/tpu_vm.sh [--dry-run] [--config.num_train_steps=1000 ...]
 # Every worker runs the same command; multitask_moe.parallel.initialize() detects the
 # TPU slice (jax.distributed.initialize() with no arguments); process 0 writes the logs.
 set -euo pipefail
@@ -14,15 +14,16 @@ ACCELERATOR="${ACCELERATOR:-v4-8}"
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 tpu=(gcloud compute tpus tpu-vm)
 
-if ! "${tpu[@]}" describe "$TPU_NAME" --zone="$ZONE" >/dev/null 2>&1; then
-  "${tpu[@]}" create "$TPU_NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
+# (--dry-run prints the creation, which runs only when the TPU does not exist yet.)
+if ((DRY_RUN)) || ! "${tpu[@]}" describe "$TPU_NAME" --zone="$ZONE" >/dev/null 2>&1; then
+  run "${tpu[@]}" create "$TPU_NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
     --version="$RUNTIME"
 fi
 # The committed tree at HEAD, so every worker runs exactly the same code.
-git archive --format=tar.gz -o /tmp/multitask_moe.tar.gz HEAD
-"${tpu[@]}" scp /tmp/multitask_moe.tar.gz "$TPU_NAME":~ --zone="$ZONE" --worker=all
+run git archive --format=tar.gz -o /tmp/multitask_moe.tar.gz HEAD
+run "${tpu[@]}" scp /tmp/multitask_moe.tar.gz "$TPU_NAME":~ --zone="$ZONE" --worker=all
 # TPU VM images ship an older Python than the package needs (>= 3.11): uv fetches one.
-"${tpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
+run "${tpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; mkdir -p multitask_moe && tar -xzf multitask_moe.tar.gz -C multitask_moe
   cd multitask_moe && python3 -m pip install -q --user uv==0.13.9
   ~/.local/bin/uv venv -q --python 3.11 .venv

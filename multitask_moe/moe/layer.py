@@ -36,6 +36,14 @@ EXPERT_PARAMS = frozenset({("experts", "w_in"), ("experts", "w_out")})
 class MoE(nnx.Module, TracksUsage):
     """Sparse MoE MLP with token, expert-choice or task-aware routing.
 
+    Args of the contract (docs/layers.md):
+      d_hidden: hidden width of every expert's MLP.
+      num_experts, top_k: experts, and how many each token uses (under expert choice,
+        how many on average: each expert takes top_k * tokens / num_experts of them).
+      routing: "tokens", "experts", "task", "task_tokens" or "per_task" (routing.py).
+      capacity_factor: slots per expert as a multiple of an even share of a routing
+        group's assignments; None = dropless (every choice is computed).
+
     Args beyond the contract:
       eval_capacity_factor: capacity when deterministic (eval); "same" = capacity_factor,
         None = dropless. Evaluation usually wants more slots than training.

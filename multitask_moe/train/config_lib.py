@@ -56,28 +56,36 @@ def settings_section(settings: type, **values) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """Every field a training config has, with neutral defaults."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    # How docs/config.md reads this function (tools/config_reference.py): a comment block
+    # describes every field below it up to the next blank line or comment block; an
+    # inline comment describes its own line.
+
+    c.seed = 0  # parameters, dropout, example order and @N subsets
 
     # Runtime, applied by `python -m multitask_moe.train` before JAX starts.
     c.platform = ""  # jax_platforms, e.g. "cpu"; "" lets JAX choose (TPU / GPU / CPU).
     c.num_cpu_devices = 0  # > 0: simulate this many CPU devices (jax_num_cpu_devices).
     c.distributed = "auto"  # parallel.initialize mode: auto | none | tpu | slurm | explicit.
+
     # Mesh axis sizes (multitask_moe.parallel.make_mesh; -1 = the remaining devices).
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
 
     c.data = ml_collections.ConfigDict()
-    c.data.tasks = ""  # "name=weight, name=weight@N": the mixture (data.Mixture); @N trains
-    # on N examples of the task's train split, the same ones for the same seed.
-    c.data.rate = "explicit"  # explicit | proportional | temperature
+    # "name=weight, name=weight@N": the mixture (data.Mixture); @N trains on N examples of
+    # the task's train split, the same ones for the same seed.
+    c.data.tasks = ""
+
+    c.data.rate = "explicit"  # sampling rates: explicit | proportional | temperature
     c.data.temperature = config_dict.placeholder(float)  # rate="temperature" only
     c.data.cap = config_dict.placeholder(float)  # cap on scaled example counts (not explicit)
-    c.data.image_size = 8
-    c.data.patch_size = 2
-    c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default.
+    c.data.image_size = 8  # images are resized to image_size x image_size
+    c.data.patch_size = 2  # one token per patch_size x patch_size patch
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: the package default
     # Pad examples to at least this many tokens / features per token (0: the tasks' own);
     # an extracted model keeps the input layout of the mixture it was trained in.
     c.data.min_tokens = 0
     c.data.min_token_width = 0
+
     c.data.eval_split = "validation"  # periodic and final evaluation
     c.data.test_split = "test"  # evaluated once at the end; "" = skip
 
@@ -92,42 +100,44 @@ def base_config() -> ml_collections.ConfigDict:
     # How a new task starts: "scratch" | "nearest" (the seen task whose rows serve its
     # training examples best) | "<seen task>", or per task: "digits/parity=nearest, iris=scratch".
     c.new_task_init = "scratch"
+
     c.nearest_examples = 256  # training examples of a new task that score the candidates
     # "none" | "experts" (expert weights fixed) | "shared" (only the new tasks' rows train).
     c.freeze = "none"
 
     c.batch_size = 64  # global, over all processes and devices
-    c.eval_batch_size = 128
-    c.num_train_steps = 1000
-    c.log_every_steps = 50
+    c.eval_batch_size = 128  # global evaluation batch
+    c.num_train_steps = 1000  # optimizer steps
+    c.log_every_steps = 50  # train metrics to metrics.jsonl and TensorBoard
     c.eval_every_steps = 500  # 0 = only at the end
     c.checkpoint_every_steps = 500  # 0 = only at the end (and on SIGTERM)
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the newest checkpoints kept
     # A non-finite loss or gradient norm stops the run (False) or skips that update (True).
     c.skip_nonfinite_updates = False
 
+    # AdamW with linear warm-up and cosine decay.
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 100
+    c.optimizer.learning_rate = 1e-3  # peak, after warm-up
+    c.optimizer.warmup_steps = 100  # linear from 0
     c.optimizer.end_learning_rate_factor = 0.01  # cosine decays to lr * this
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
+    c.optimizer.b1 = 0.9  # Adam's first-moment decay
+    c.optimizer.b2 = 0.999  # Adam's second-moment decay
     c.optimizer.weight_decay = 1e-4  # on matrices only, not on biases, norms, embeddings
     c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping
 
-    # Weights of the aux losses, summed over every MoE / MoA layer.
+    # Weights of the aux losses, summed over every MoE / MoA layer (docs/methods.md).
     c.aux_loss = ml_collections.ConfigDict()
-    c.aux_loss.load_balance = 0.01
-    c.aux_loss.router_z = 0.001
-    c.aux_loss.mutual_info = 0.0
+    c.aux_loss.load_balance = 0.01  # Switch load balance
+    c.aux_loss.router_z = 0.001  # router z-loss
+    c.aux_loss.mutual_info = 0.0  # Mod-Squad's task-expert mutual information (maximized)
 
     c.model = ml_collections.ConfigDict()
-    c.model.d_model = 64
-    c.model.depth = 4
-    c.model.num_heads = 4
+    c.model.d_model = 64  # width of tokens
+    c.model.depth = 4  # transformer blocks
+    c.model.num_heads = 4  # attention heads of dense attention
     c.model.mlp_dim = 128  # dense MLP hidden size
     c.model.dtype = "float32"  # activations: float32 | bfloat16
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "float32"  # parameters: float32 | bfloat16
     c.model.moe_every = 2  # MoE MLP in blocks i % moe_every == moe_every - 1; 0 = none
     c.model.moa_every = 0  # MoA attention in blocks i % moa_every == 0; 0 = none
     # Every option of the sparse layers, named and defaulted as in the layers' constructors
@@ -142,8 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Residual adapters after blocks, {"<block index>": size} (an evolved path's model).
     c.model.adapters = ml_collections.ConfigDict()
 
-    c.progress_bar = True
-    c.write_plots = True
+    c.progress_bar = True  # a tqdm bar on the console (process 0)
+    c.write_plots = True  # learning curves and routing heatmaps at the end
     return c
 
 
