@@ -216,3 +216,18 @@ def test_default_data_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_DIR_ENV)
     monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
     assert data.default_data_dir() == os.path.expanduser("~/tensorflow_datasets")
+
+
+def test_a_build_prints_one_line_and_never_downloading(tmp_path, capfd):
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    bars = tqdm_utils._active
+    assert embedded.prepare("mtm_tabular", "iris", str(tmp_path)) is True
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [
+        line for line in out.splitlines() if line.startswith("Built the embedded dataset")
+    ]
+    assert len(out.splitlines()) == 1 and "mtm_tabular/iris" in out
+    assert "Downloading" not in out + err and "Variant folder" not in err
+    assert "examples/s" not in err  # no TFDS progress bar
+    assert tqdm_utils._active == bars  # the caller's progress-bar setting is back

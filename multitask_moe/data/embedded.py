@@ -20,7 +20,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
+import io
+import logging
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -173,8 +176,23 @@ def _build_lock(data_dir: str, name: str) -> Iterator[None]:
 def prepare(builder_name: str, config: str, data_dir: str) -> bool:
     """Build `builder_name/config` into data_dir unless it is there; True if it built now.
 
-    Never downloads anything (there is nothing to download) and never touches GCS.
+    Never downloads anything (there is nothing to download) and never touches GCS. A
+    build prints one line.
     """
+    start = time.perf_counter()
+    with _quiet_tfds():
+        built = _prepare(builder_name, config, data_dir)
+    if built:
+        print(
+            f"Built the embedded dataset {builder_name}/{config} in "
+            f"{time.perf_counter() - start:.1f} s (from installed packages; nothing "
+            f"downloaded) into {data_dir}",
+            flush=True,
+        )
+    return built
+
+
+def _prepare(builder_name: str, config: str, data_dir: str) -> bool:
     builder_cls = BUILDERS[builder_name]
     if builder_cls(config=config, data_dir=data_dir).is_prepared():
         return False
@@ -195,3 +213,30 @@ def prepare(builder_name: str, config: str, data_dir: str) -> bool:
                 raise
             return False
     return True
+
+
+class _DropUnbuiltFolderWarnings(logging.Filter):
+    """TFDS warns that the folder it is about to build has no dataset_info.json yet."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Building prints one line (prepare's), not TFDS's: its banner says "Downloading and
+    preparing dataset" although nothing is downloaded, and its progress bars, one per
+    split and shuffle, fill the console for a build of a few seconds."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    bars = tqdm_utils._active
+    tqdm_utils.display_progress_bar(False)
+    absl_logger = logging.getLogger("absl")
+    quiet = _DropUnbuiltFolderWarnings()
+    absl_logger.addFilter(quiet)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logger.removeFilter(quiet)
+        tqdm_utils.display_progress_bar(bars)
