@@ -31,20 +31,20 @@ class Scale:
     timing_calls: int
 
 
-EVOLVE_TASKS = ("digits/class", "iris", "digits/parity", "wine", "synthetic/a0")
+EVOLVE_TASKS = ("digits/class", "iris", "digits/parity", "wine")
 
 SCALES = {
     "full": Scale(
         name="full",
         seeds=(0, 1, 2),
-        multitask_steps=1000,
-        single_steps=500,
-        add_steps=300,
-        later_steps=500,
+        multitask_steps=800,
+        single_steps=300,
+        add_steps=200,
+        later_steps=300,
         evolve_tasks=EVOLVE_TASKS,
         evolve_generations=2,
-        evolve_children=4,
-        evolve_steps=100,
+        evolve_children=3,
+        evolve_steps=80,
         timing_calls=5,
     ),
     "quick": Scale(
