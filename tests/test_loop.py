@@ -111,3 +111,84 @@ def test_a_nonfinite_step_stops_before_its_checkpoint():
     ):
         make_loop(recorder, 0, 12, data=data)()
     assert sorted(recorder.saved) == [5]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_times_split_the_wall_time_by_kind():
+    clock = FakeClock()
+    times = loop.StepTimes(clock)
+    with times.measure("input"):
+        clock.now += 1.0
+    clock.now += 5.0  # steps
+    with times.measure("evaluation"):
+        clock.now += 3.0
+    with times.measure("checkpoint"):
+        clock.now += 1.0
+    with times.measure(None):  # a log: counts as step time
+        clock.now += 0.0
+    assert times.shares() == pytest.approx(
+        {
+            "time/step_share": 0.5,
+            "time/input_share": 0.1,
+            "time/evaluation_share": 0.3,
+            "time/checkpoint_share": 0.1,
+        }
+    )
+    assert times.summary() == (
+        "Loop time 10.0 s: 50% in the steps, 10% waiting for input, 30% evaluating, "
+        "10% checkpointing."
+    )
+
+
+def test_the_loop_times_input_evaluation_and_checkpoints():
+    recorder = Recorder()
+    clock = FakeClock()
+
+    def slow_batches():
+        while True:
+            clock.now += 2.0  # the input pipeline
+            yield 0
+
+    times = loop.StepTimes(clock)
+    throughput = loop.Throughput(0)
+
+    def evaluate(state):
+        clock.now += 7.0
+        return {"eval/x": state}
+
+    actions = [
+        loop.Log(4, recorder, recorder, throughput, batch_size=4, bar=recorder, times=times),
+        loop.Evaluate(2, evaluate, recorder, throughput),
+    ]
+    pending = loop.PendingMetrics(recorder, recorder, skip_nonfinite=False)
+    loop.train_loop(0, range(1, 5), loop.Batches(slow_batches(), 0), step_fn, pending,
+                    actions, recorder, times)  # fmt: skip
+    # 4 batches x 2 s of input, one evaluation (step 2; not at the last step) of 7 s.
+    assert times.seconds == {"input": 8.0, "evaluation": 7.0, "checkpoint": 0.0}
+
+
+def test_profile_traces_its_steps_after_the_warmup(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    recorder = Recorder()
+    profile = loop.Profile(1, 2, str(tmp_path), warmup=3)
+    due = [s for s in range(1, 10) if profile.due(s, last=s == 9, stop=False)]
+    assert due == [3]  # starts after the 3rd step
+    step = jax.jit(lambda state, batch: (state + 1, {"step": state + 1, "nonfinite": False,
+                                                     "loss": 0.0, "grad_norm": 0}))  # fmt: skip
+    pending = loop.PendingMetrics(recorder, recorder, skip_nonfinite=False)
+    loop.train_loop(jnp.int32(0), range(1, 9), loop.Batches(iter(range(100)), 0),
+                    step, pending, [profile], recorder)  # fmt: skip
+    assert profile.traced == 2 and not profile.tracing
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    # A run shorter than the warm-up writes no trace.
+    short = loop.Profile(1, 2, str(tmp_path / "short"), warmup=3)
+    assert not [s for s in range(1, 4) if short.due(s, last=s == 3, stop=False)]

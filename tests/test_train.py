@@ -51,6 +51,7 @@ TINY = {
     "model.mlp_dim": 32,
     "model.moe.num_experts": 8,
     "progress_bar": False,
+    "profile_steps": 2,
 }
 
 
@@ -144,6 +145,13 @@ def test_run_writes_metrics_tensorboard_plots_table_and_checkpoints(reference):
         "examples_per_sec",
     ):
         assert np.isfinite(record[key]), key
+    shares = [
+        record[f"time/{kind}_share"] for kind in ("step", "input", "evaluation", "checkpoint")
+    ]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    assert record["time/evaluation_share"] > 0 and record["time/checkpoint_share"] > 0
+    # profile_steps=2: a trace of steps 4-5 for TensorBoard's profile plugin.
+    assert list((workdir / "tensorboard").glob("plugins/profile/*/*.xplane.pb"))
     # exp(entropy) of a top-2 routing over 8 experts lies in [2, 8].
     assert 2 - 1e-4 <= record["train/block1/moe/iris/effective_experts"] <= 8 + 1e-4
     evals = [r for r in read_history(str(workdir)) if "eval/iris/accuracy" in r]

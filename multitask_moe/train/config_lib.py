@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Residual adapters after blocks, {"<block index>": size} (an evolved path's model).
     c.model.adapters = ml_collections.ConfigDict()
 
+    # > 0: a jax.profiler trace of this many steps, after 3 warm-up steps, written to
+    # workdir/tensorboard (TensorBoard's profile plugin shows it beside the metrics).
+    c.profile_steps = 0
+
     c.progress_bar = True  # a tqdm bar on the console (process 0)
     c.write_plots = True  # learning curves and routing heatmaps at the end
     return c

@@ -147,8 +147,53 @@ class Throughput:
         self.start += seconds
 
 
+class StepTimes:
+    """Where the loop's wall time goes: waiting for the next batch (the input pipeline),
+    evaluation, checkpoints, and the rest: the steps themselves (dispatch, and the waits
+    for their results at each sync). `clock` is injectable for tests."""
+
+    KINDS = ("input", "evaluation", "checkpoint")
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.start = clock()
+        self.seconds = dict.fromkeys(self.KINDS, 0.0)
+
+    @contextlib.contextmanager
+    def measure(self, kind: str | None):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            if kind is not None:
+                self.seconds[kind] += self.clock() - start
+
+    def total(self) -> float:
+        return self.clock() - self.start
+
+    def shares(self) -> dict[str, float]:
+        """`time/<kind>_share` of the wall time so far; the four sum to 1."""
+        total = max(self.total(), 1e-9)
+        step = max(total - sum(self.seconds.values()), 0.0)
+        shares = {"time/step_share": step / total}
+        shares.update({f"time/{kind}_share": s / total for kind, s in self.seconds.items()})
+        return shares
+
+    def summary(self) -> str:
+        shares = self.shares()
+        return (
+            f"Loop time {self.total():.1f} s: {shares['time/step_share']:.0%} in the steps, "
+            f"{shares['time/input_share']:.0%} waiting for input, "
+            f"{shares['time/evaluation_share']:.0%} evaluating, "
+            f"{shares['time/checkpoint_share']:.0%} checkpointing."
+        )
+
+
 class Log:
-    """Every `every` steps, at the end and when stopping: train scalars and throughput."""
+    """Every `every` steps, at the end and when stopping: train scalars, throughput and
+    the shares of wall time so far (StepTimes)."""
+
+    kind = None
 
     def __init__(
         self,
@@ -159,9 +204,10 @@ class Log:
         *,
         batch_size: int,
         bar: tqdm,
+        times: StepTimes | None = None,
     ):
         self.every, self.meter, self.writer, self.throughput = every, meter, writer, throughput
-        self.batch_size, self.bar = batch_size, bar
+        self.batch_size, self.bar, self.times = batch_size, bar, times
 
     def due(self, step: int, *, last: bool, stop: bool) -> bool:
         return _due(step, self.every) or last or stop
@@ -174,6 +220,8 @@ class Log:
         scalars.update(
             steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * self.batch_size
         )
+        if self.times is not None:
+            scalars.update(self.times.shares())
         self.writer.write(step, scalars)
         self.bar.set_postfix(
             loss=f"{scalars['train/loss']:.4f}",
@@ -184,6 +232,8 @@ class Log:
 
 class Evaluate:
     """Every `every` steps except the last (the run evaluates the final state itself)."""
+
+    kind = "evaluation"
 
     def __init__(
         self,
@@ -212,6 +262,8 @@ class Evaluate:
 class Checkpoint:
     """Every `every` steps, at the end and when stopping: the state and `progress(step)`."""
 
+    kind = "checkpoint"
+
     def __init__(self, every: int, checkpoints: Checkpoints, progress: Callable[[int], dict]):
         self.every, self.checkpoints, self.progress = every, checkpoints, progress
 
@@ -220,6 +272,41 @@ class Checkpoint:
 
     def __call__(self, step: int, state: dict) -> None:
         self.checkpoints.save(step, state, self.progress(step))
+
+
+class Profile:
+    """A jax.profiler trace of `steps` steps into `directory`, starting after `warmup`
+    steps of this run (so compiles and first-step transfers stay out of it); cut short at
+    the run's last step. `traced` is the number of steps traced."""
+
+    kind = None
+
+    def __init__(self, first_step: int, steps: int, directory: str, warmup: int = 3):
+        self.warmup = warmup
+        self.begin = first_step - 1 + warmup  # the trace starts after this step
+        self.end = self.begin + steps
+        self.directory = directory
+        self.tracing, self.traced = False, 0
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        if self.tracing:
+            return step == self.end or last or stop
+        return step == self.begin and not (last or stop) and not self.traced
+
+    def __call__(self, step: int, state: dict) -> None:
+        jax.block_until_ready(state)  # the trace holds exactly its steps' work
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing, self.traced = False, step - self.begin
+        else:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def close(self) -> None:
+        """Stops a trace an exception left running."""
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 @dataclasses.dataclass
@@ -235,26 +322,37 @@ def train_loop(
     batches: Iterator[dict[str, jax.Array]],
     train_step: Callable[[dict, dict], tuple[dict, dict]],
     pending: PendingMetrics,
-    actions: list[Log | Evaluate | Checkpoint],
+    actions: list[Log | Evaluate | Checkpoint | Profile],
     bar: tqdm,
+    times: StepTimes | None = None,
 ) -> LoopResult:
     """Runs `steps` (start + 1 .. num_steps) until done or SIGTERM; after a step where any
-    action is due, syncs the pending metrics and runs the due actions in order."""
+    action is due, syncs the pending metrics and runs the due actions in order. `times`
+    accumulates the input, evaluation and checkpoint time."""
+    times = times if times is not None else StepTimes()
     step = steps.start - 1
-    with PreemptionWatcher() as watcher, bar:
-        for step in steps:
-            batch = next(batches)  # placed on the devices here, outside the guard
-            # Catches accidental host<->device copies inside the step (big_vision's habit).
-            with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch)
-            pending.add(step, metrics)
-            bar.update(1)
-            stop = watcher.requested(step)
-            due = [a for a in actions if a.due(step, last=step == steps.stop - 1, stop=stop)]
-            if due:
-                pending.sync()
-            for action in due:
-                action(step, state)
-            if stop:
-                return LoopResult(state=state, step=step, preempted=step < steps.stop - 1)
-    return LoopResult(state=state, step=step, preempted=False)
+    try:
+        with PreemptionWatcher() as watcher, bar:
+            for step in steps:
+                with times.measure("input"):
+                    batch = next(batches)  # placed on the devices here, outside the guard
+                # Catches accidental host<->device copies inside the step (big_vision's habit).
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, batch)
+                pending.add(step, metrics)
+                bar.update(1)
+                stop = watcher.requested(step)
+                last = step == steps.stop - 1
+                due = [a for a in actions if a.due(step, last=last, stop=stop)]
+                if due:
+                    pending.sync()
+                for action in due:
+                    with times.measure(action.kind):
+                        action(step, state)
+                if stop:
+                    return LoopResult(state=state, step=step, preempted=step < steps.stop - 1)
+        return LoopResult(state=state, step=step, preempted=False)
+    finally:
+        for action in actions:
+            if isinstance(action, Profile):
+                action.close()

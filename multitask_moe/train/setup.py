@@ -72,6 +72,7 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
         ("eval_every_steps", 0),
         ("checkpoint_every_steps", 0),
         ("keep_checkpoints", 1),
+        ("profile_steps", 0),
         ("seed", 0),
         ("optimizer.warmup_steps", 0),
         ("model.d_model", 1),

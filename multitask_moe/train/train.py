@@ -133,6 +133,7 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
             mininterval=1.0,
             dynamic_ncols=True,
         )
+        times = loop.StepTimes()
         actions = [
             loop.Log(
                 config.log_every_steps,
@@ -141,12 +142,19 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
                 throughput,
                 batch_size=config.batch_size,
                 bar=bar,
+                times=times,
             ),
             loop.Evaluate(
                 config.eval_every_steps, lambda state: evaluate(state)[0], writer, throughput
             ),
             loop.Checkpoint(config.checkpoint_every_steps, checkpoints, progress),
         ]
+        profile = None
+        if config.profile_steps:
+            profile = loop.Profile(
+                start_step + 1, config.profile_steps, os.path.join(workdir, "tensorboard")
+            )
+            actions.append(profile)
         pending = loop.PendingMetrics(
             meter, checkpoints, skip_nonfinite=config.skip_nonfinite_updates
         )
@@ -158,7 +166,12 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
             pending,
             actions,
             bar,
+            times,
         )
+        if chief and result.step > start_step:
+            print(times.summary(), flush=True)
+            if profile is not None:
+                print(_profile_line(profile, workdir), flush=True)
         if result.preempted:
             if chief:
                 print(
@@ -183,6 +196,18 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
         checkpoints.close()
         if writer is not None:
             writer.close()
+
+
+def _profile_line(profile: loop.Profile, workdir: str) -> str:
+    if not profile.traced:
+        return (
+            "Profile: none written; the run had too few steps left after the "
+            f"{profile.warmup} warm-up steps."
+        )
+    return (
+        f"Profile: {profile.traced} steps traced in {profile.directory} "
+        f"(tensorboard --logdir {os.path.join(workdir, 'tensorboard')}, Profile tab)."
+    )
 
 
 def _data_settings(config: ml_collections.ConfigDict) -> dict:
