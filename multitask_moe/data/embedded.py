@@ -109,6 +109,15 @@ class _FeatureBuilder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["feature_std"] = std.tolist()
         return {name: self._generate_examples(split) for name, split in splits.items()}
 
+    def standardization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per feature of the train split: the stored metadata, or computed
+        again from the source when the info has none (tfds.testing.mock_data builds the
+        info from code, without what the build stored)."""
+        if "feature_mean" in self.info.metadata:
+            return self.info.metadata["feature_mean"], self.info.metadata["feature_std"]
+        mean, std = sources.standardization(self._splits()["train"].inputs)
+        return mean.tolist(), std.tolist()
+
     def _generate_examples(self, split: sources.Split):
         for i, (features, label) in enumerate(zip(split.inputs, split.labels, strict=True)):
             yield i, {"features": features, "label": int(label)}

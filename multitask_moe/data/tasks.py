@@ -10,7 +10,9 @@ try_gcs=False), otherwise `DatasetNotPreparedError` says how to prepare it.
 
 TFDS splits of a TFDS image dataset: train = "train"; test = "test", or "validation" when
 the dataset has no "test"; validation = "validation" when it is not already the test split,
-else the last VALIDATION_FRACTION of "train" (which then loses those examples).
+else the last VALIDATION_FRACTION of "train" (which then loses those examples). Under
+tfds.testing.mock_data without metadata (its default form) split sizes are unknown: the
+same cut is taken by percent ("train[:90%]", "train[90%:]") and the test split is "test".
 
 Embedded names come first: "iris" is the embedded scikit-learn task, not TFDS's "iris"
 (which is tabular and so not a TFDS task this registry accepts anyway).
@@ -296,8 +298,7 @@ def _embedded_task(name: str, data_dir: str) -> Task:
     input_key, label_key = info.supervised_keys
     mean = std = None
     if spec.modality == "tabular":
-        mean = tuple(info.metadata["feature_mean"])
-        std = tuple(info.metadata["feature_std"])
+        mean, std = map(tuple, builder.standardization())
     return Task(
         name=name,
         num_classes=info.features[label_key].num_classes,
@@ -321,7 +322,7 @@ def _tfds_image_task(name: str, data_dir: str) -> Task:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(_unknown_task_message(name)) from error
-    if not builder.is_prepared():
+    if not builder.is_prepared() and not _serves_unprepared(builder):
         raise DatasetNotPreparedError(
             f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and "
             "multitask_moe never downloads (download=False, try_gcs=False). Prepare it once "
@@ -360,11 +361,29 @@ def _tfds_image_task(name: str, data_dir: str) -> Task:
         modality="image",
         tfds_name=f"{builder.name}{config}:{builder.version}",
         data_dir=data_dir,
-        splits=_tfds_splits(name, info.splits),
+        splits=_tfds_splits(name, info.splits) if info.splits else _unsized_splits(),
         input_key=input_key,
         label_key=label_key,
         input_shape=shape,
     )
+
+
+def _serves_unprepared(builder) -> bool:
+    """True when a builder with nothing in data_dir still serves examples: under
+    tfds.testing.mock_data in its default form (no metadata on disk), reading is replaced
+    by generated examples, which is how users test pipelines without the data."""
+    try:
+        builder.as_dataset(split="train")
+    except Exception:  # what TFDS raises for missing data varies by version and reader
+        return False
+    return True
+
+
+def _unsized_splits() -> dict[str, str]:
+    """Our splits when the split sizes are unknown (a mocked dataset without metadata):
+    the last VALIDATION_FRACTION of "train" by percent, and "test"."""
+    cut = round(100 * (1 - VALIDATION_FRACTION))
+    return {"train": f"train[:{cut}%]", "validation": f"train[{cut}%:]", "test": "test"}
 
 
 def _is_key_pair(keys: object) -> bool:
