@@ -176,7 +176,7 @@ def test_a_tfds_name_reaches_a_prepared_builder(all_tasks, data_dir):  # noqa: F
     task = data.get_task("mtm_digits/parity", data_dir=data_dir)
     assert (task.modality, task.num_classes, task.embedded) == ("image", 2, False)
     assert task.splits == {"train": "train", "validation": "validation", "test": "test"}
-    with pytest.raises(ValueError, match="not an image classification dataset"):
+    with pytest.raises(ValueError, match="not an image or text classification dataset"):
         data.get_task("mtm_tabular/wine", data_dir=data_dir)
 
 

@@ -186,7 +186,9 @@ class Mixture:
             )
 
             def to_layout(example):
-                inputs, mask = preprocess.pad_tokens(example["tokens"], length, width)
+                inputs, mask = preprocess.pad_tokens(
+                    example["tokens"], length, width, example.get("valid")
+                )
                 task = tf.constant(task_id, tf.int32)
                 return {"inputs": inputs, "mask": mask, "label": example["label"], "task_id": task}
 

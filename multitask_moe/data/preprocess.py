@@ -9,7 +9,10 @@ N = (S / p)^2 patches; F tabular features; L, P the common layout (tokens, featu
   A Dense layer over the p*p*C values of a token equals a ViT patch embedding (a conv with
   kernel p and stride p).
 - features [F] float32 -> (x - mean) / std with train-split statistics -> tokens [F, 1].
-- tokens [n, d] -> zero-padded inputs [L, P] plus mask [L] (True for the n real tokens).
+- text (a UTF-8 string) -> its first T bytes, each byte b as the value b + 1 -> tokens
+  [T, 1], 0 after the text's end (byte-level: no vocabulary, nothing to download).
+- tokens [n, d] -> zero-padded inputs [L, P] plus mask [L] (True for the n real tokens,
+  or for the `valid` ones: a text shorter than T leaves padding among its n tokens).
 """
 
 from __future__ import annotations
@@ -37,11 +40,31 @@ def tabular_tokens(features: tf.Tensor, mean: np.ndarray, std: np.ndarray) -> tf
     return x[:, None]
 
 
-def pad_tokens(tokens: tf.Tensor, length: int, width: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """tokens [n, d] (static n <= L, d <= P) -> inputs [L, P] float32, mask [L] bool."""
+def text_tokens(text: tf.Tensor, length: int) -> tf.Tensor:
+    """UTF-8 string [] -> float32 tokens [T, 1]: byte b of the first T bytes as b + 1,
+    then 0 (so 0 marks the end; `text_valid` reads the mask back)."""
+    values = tf.io.decode_raw(text, tf.uint8)[:length]  # [n <= T]
+    values = tf.cast(values, tf.float32) + 1.0
+    values = tf.pad(values, ((0, length - tf.shape(values)[0]),))
+    return tf.reshape(values, (length, 1))
+
+
+def text_valid(tokens: tf.Tensor) -> tf.Tensor:
+    """text tokens [T, 1] -> bool [T]: the positions that hold a byte."""
+    return tokens[:, 0] > 0
+
+
+def pad_tokens(
+    tokens: tf.Tensor, length: int, width: int, valid: tf.Tensor | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """tokens [n, d] (static n <= L, d <= P) -> inputs [L, P] float32, mask [L] bool;
+    `valid` [n] marks the real ones among the n (all when None)."""
     n, d = tokens.shape
     if n > length or d > width:
         raise ValueError(f"Tokens of shape {(n, d)} do not fit the layout {(length, width)}.")
     inputs = tf.pad(tokens, ((0, length - n), (0, width - d)))
-    mask = tf.constant(np.arange(length) < n)
+    if valid is None:
+        mask = tf.constant(np.arange(length) < n)
+    else:
+        mask = tf.pad(valid, ((0, length - n),))
     return inputs, mask

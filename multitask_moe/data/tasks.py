@@ -1,4 +1,5 @@
-"""The task registry: embedded tasks by name, and any TFDS image classification dataset.
+"""The task registry: embedded tasks by name, and any TFDS image or text classification
+dataset (text read as UTF-8 bytes, one token per byte: no vocabulary to download).
 
 A `Task` names its TFDS source (builder name with config and version, data_dir, and the
 TFDS split behind each of our splits "train", "validation", "test"), its label space, its
@@ -32,7 +33,9 @@ import numpy as np
 from multitask_moe.data import sources
 
 SPLITS = sources.SPLITS
-MODALITIES = ("image", "tabular")
+MODALITIES = ("image", "tabular", "text")
+# Bytes of a text example the model reads (one token each); longer texts are cut.
+TEXT_LENGTH = 128
 VALIDATION_FRACTION = 0.1
 DATA_DIR_ENV = "MTM_DATA_DIR"
 _TFDS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./:*+-]*")
@@ -163,13 +166,16 @@ class Task:
         return self._split_size(split)
 
     def num_tokens(self, image_size: int, patch_size: int) -> int:
-        """Tokens per example: (image_size / patch_size)^2 patches, or F features."""
+        """Tokens per example: (image_size / patch_size)^2 patches, F features, or
+        TEXT_LENGTH bytes (a shorter text masks the rest)."""
         if self.modality == "image":
             return (image_size // patch_size) ** 2
+        if self.modality == "text":
+            return TEXT_LENGTH
         return self.input_shape[0]
 
     def token_dim(self, image_size: int, patch_size: int) -> int:
-        """Features per token: patch_size^2 * channels, or 1 for tabular data."""
+        """Features per token: patch_size^2 * channels, or 1 for tabular data and text."""
         del image_size
         if self.modality == "image":
             return patch_size * patch_size * self.input_shape[-1]
@@ -222,6 +228,11 @@ class Task:
             def to_tokens(inputs):
                 return preprocess.image_tokens(inputs, image_size, patch_size)
 
+        elif self.modality == "text":
+
+            def to_tokens(inputs):
+                return preprocess.text_tokens(inputs, TEXT_LENGTH)
+
         else:
             mean = np.asarray(self.feature_mean, np.float32)
             std = np.asarray(self.feature_std, np.float32)
@@ -230,10 +241,11 @@ class Task:
                 return preprocess.tabular_tokens(inputs, mean, std)
 
         def convert(example):
-            return {
-                "tokens": to_tokens(example[self.input_key]),
-                "label": tf.cast(example[self.label_key], tf.int32),
-            }
+            tokens = to_tokens(example[self.input_key])
+            out = {"tokens": tokens, "label": tf.cast(example[self.label_key], tf.int32)}
+            if self.modality == "text":
+                out["valid"] = preprocess.text_valid(tokens)
+            return out
 
         return source.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -263,9 +275,10 @@ def check_process(process_index: int, process_count: int) -> None:
 def _unknown_task_message(name: object) -> str:
     return (
         f"Unknown task {name!r}. Embedded tasks (built offline on first use): "
-        f"{', '.join(EMBEDDED_TASKS)}. Any TFDS image classification dataset also works "
-        "by its TFDS name (e.g. 'cifar10', 'mnist', 'oxford_flowers102', 'svhn_cropped', "
-        "optionally 'name/config:version') once it is prepared in data_dir."
+        f"{', '.join(EMBEDDED_TASKS)}. Any TFDS image or text classification dataset also "
+        "works by its TFDS name (e.g. 'cifar10', 'mnist', 'svhn_cropped', 'imdb_reviews', "
+        "'ag_news_subset', 'glue/sst2', optionally 'name/config:version') once it is "
+        "prepared in data_dir."
     )
 
 
@@ -273,11 +286,11 @@ def get_task(name: str, data_dir: str | None = None) -> Task:
     """The task called `name`: an embedded task (built on first use) or a TFDS dataset.
 
     Args:
-      name: a key of EMBEDDED_TASKS or a TFDS image classification dataset name.
+      name: a key of EMBEDDED_TASKS or a TFDS image or text classification dataset name.
       data_dir: TFDS data directory (local path or gs://...); default `default_data_dir()`.
 
     Raises:
-      ValueError: unknown name, or a TFDS dataset that is not image classification.
+      ValueError: unknown name, or a TFDS dataset that is not image or text classification.
       DatasetNotPreparedError: a TFDS dataset that is not prepared in data_dir.
     """
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
@@ -285,7 +298,7 @@ def get_task(name: str, data_dir: str | None = None) -> Task:
         raise ValueError(_unknown_task_message(name))
     if name in EMBEDDED_TASKS:
         return _embedded_task(name, data_dir)
-    return _tfds_image_task(name, data_dir)
+    return _tfds_task(name, data_dir)
 
 
 def _embedded_task(name: str, data_dir: str) -> Task:
@@ -315,7 +328,7 @@ def _embedded_task(name: str, data_dir: str) -> Task:
     )
 
 
-def _tfds_image_task(name: str, data_dir: str) -> Task:
+def _tfds_task(name: str, data_dir: str) -> Task:
     import tensorflow_datasets as tfds
 
     try:
@@ -333,32 +346,24 @@ def _tfds_image_task(name: str, data_dir: str) -> Task:
             "then copy that data_dir here (or point data_dir / $MTM_DATA_DIR at it)."
         )
     info = builder.info
-    keys = info.supervised_keys
-    input_key, label_key = keys if _is_key_pair(keys) else ("image", "label")
     features = info.features
-    if not (
-        input_key in features
-        and label_key in features
-        and isinstance(features[input_key], tfds.features.Image)
-        and isinstance(features[label_key], tfds.features.ClassLabel)
-    ):
-        raise ValueError(
-            f"TFDS dataset {name!r} is not an image classification dataset: need an Image "
-            f"feature {input_key!r} and a ClassLabel feature {label_key!r}, got {features}."
-        )
-    shape = tuple(features[input_key].shape)
-    if shape[-1] is None:
-        raise ValueError(f"TFDS dataset {name!r} has images with unknown channels: {shape}.")
-    if features[input_key].np_dtype != np.uint8:  # the [-1, 1] scaling assumes 0..255
-        raise ValueError(
-            f"TFDS dataset {name!r} has {features[input_key].np_dtype} images; only uint8 "
-            "images are supported."
-        )
+    input_key, label_key = _input_and_label(name, info)
+    if isinstance(features[input_key], tfds.features.Text):
+        modality, shape = "text", ()
+    else:
+        modality, shape = "image", tuple(features[input_key].shape)
+        if shape[-1] is None:
+            raise ValueError(f"TFDS dataset {name!r} has images with unknown channels: {shape}.")
+        if features[input_key].np_dtype != np.uint8:  # the [-1, 1] scaling assumes 0..255
+            raise ValueError(
+                f"TFDS dataset {name!r} has {features[input_key].np_dtype} images; only uint8 "
+                "images are supported."
+            )
     config = f"/{builder.builder_config.name}" if builder.builder_config else ""
     return Task(
         name=name,
         num_classes=features[label_key].num_classes,
-        modality="image",
+        modality=modality,
         tfds_name=f"{builder.name}{config}:{builder.version}",
         data_dir=data_dir,
         splits=_tfds_splits(name, info.splits) if info.splits else _unsized_splits(),
@@ -366,6 +371,34 @@ def _tfds_image_task(name: str, data_dir: str) -> Task:
         label_key=label_key,
         input_shape=shape,
     )
+
+
+def _input_and_label(name: str, info) -> tuple[str, str]:
+    """The (input, label) feature names of a TFDS classification dataset: its supervised
+    keys, else "image" / the first Text feature and "label". The input must be an Image
+    or a Text feature, the label a ClassLabel."""
+    import tensorflow_datasets as tfds
+
+    features = info.features
+    keys = info.supervised_keys
+    if _is_key_pair(keys):
+        input_key, label_key = keys
+    else:
+        texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+        input_key = "image" if "image" in features or not texts else texts[0]
+        label_key = "label"
+    if not (
+        input_key in features
+        and label_key in features
+        and isinstance(features[input_key], tfds.features.Image | tfds.features.Text)
+        and isinstance(features[label_key], tfds.features.ClassLabel)
+    ):
+        raise ValueError(
+            f"TFDS dataset {name!r} is not an image or text classification dataset: need an "
+            f"Image or Text feature {input_key!r} and a ClassLabel feature {label_key!r}, "
+            f"got {features}."
+        )
+    return input_key, label_key
 
 
 def _serves_unprepared(builder) -> bool:

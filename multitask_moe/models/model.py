@@ -54,7 +54,7 @@ class MultitaskTransformer(nnx.Module):
 
     Args:
       task_num_classes: classes of each task, indexed by task id.
-      task_modalities: "image" or "tabular" for each task.
+      task_modalities: "image", "tabular" or "text" for each task.
       token_shape: (L, P) of the inputs (data.Mixture.token_shape).
       moe_every: MoE MLP in blocks i with i % moe_every == moe_every - 1 (2 = odd blocks,
         1 = all, 0 = none).

@@ -3,7 +3,8 @@
 The data pipeline brings every task to one batch layout (multitask_moe/data): `inputs`
 [B, L, P] float32, a padded sequence of L tokens of P features, with `mask` [B, L] marking
 the real tokens. Image tasks put one flattened patch per token; tabular tasks put one
-feature per token with its value in feature 0. The stems below read that layout.
+feature per token with its value in feature 0; text puts one UTF-8 byte per token, byte b
+as the value b + 1 in feature 0 (0 = past the end). The stems below read that layout.
 
 Shape legend: B batch, L tokens (sequence length), P features per token, D d_model,
 T tasks.
@@ -18,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from multitask_moe.models.tables import lookup
+from multitask_moe.models.tables import lookup, take_rows
 
-MODALITIES = ("image", "tabular")
+MODALITIES = ("image", "tabular", "text")
+TEXT_VOCAB = 257  # 256 byte values + 1, the value 0 of padding
 
 
 class ImageStem(nnx.Module):
@@ -58,6 +60,24 @@ class TabularStem(nnx.Module):
         return values * weight[None] + bias[None]  # [B, L, D]
 
 
+class TextStem(nnx.Module):
+    """Byte embedding: token = E[b + 1] for the byte b it carries, [B, L, P] -> [B, L, D].
+
+    Only feature 0 of each token is read (an integer-valued float in [0, 256]); position
+    comes from the model's position embedding, as for image patches.
+    """
+
+    def __init__(self, d_model: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=1.0)
+        self.embedding = nnx.Param(init(rngs.params(), (TEXT_VOCAB, d_model), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        ids = jnp.clip(jnp.round(inputs[..., 0]), 0, TEXT_VOCAB - 1).astype(jnp.int32)  # [B, L]
+        # A gather by batch-sharded ids: take_rows names its output sharding (Explicit axes).
+        return take_rows(self.embedding[...], ids).astype(self.dtype)  # [B, L, D]
+
+
 class MultiModalStem(nnx.Module):
     """Picks the stem of each example's modality: inputs [B, L, P], task_ids [B] -> [B, L, D].
 
@@ -85,14 +105,19 @@ class MultiModalStem(nnx.Module):
         # [T] index into self.modalities: a static tuple (part of the graph, not the state).
         self.task_modality = tuple(self.modalities.index(m) for m in task_modalities)
         # Keyed by modality name, so a model with other tasks finds its stems by name.
+        sizes = {
+            "image": dict(patch_features=patch_features),
+            "tabular": dict(num_tokens=num_tokens),
+        }
+        stem_class = {"image": ImageStem, "tabular": TabularStem, "text": TextStem}
         self.stems = nnx.Dict(
             {
-                modality: ImageStem(
-                    patch_features, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-                )
-                if modality == "image"
-                else TabularStem(
-                    num_tokens, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                modality: stem_class[modality](
+                    **sizes.get(modality, {}),
+                    d_model=d_model,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
                 )
                 for modality in self.modalities
             }

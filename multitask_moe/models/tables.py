@@ -15,13 +15,14 @@ from jax.sharding import PartitionSpec
 
 
 def take_rows(table: jax.Array, task_ids: jax.Array) -> jax.Array:
-    """table [T, ...], task_ids [B] -> table[task_ids] [B, ...], sharded like task_ids."""
+    """table [T, ...], task_ids [B, ...] -> table[task_ids] [B, ..., ...], sharded like
+    task_ids (any ids of a batch: task ids [B], or byte ids [B, L] into an embedding)."""
     sharding = jax.typeof(task_ids).sharding
     explicit = jax.sharding.AxisType.Explicit
     if sharding.mesh.empty or explicit not in sharding.mesh.axis_types:
         return table[task_ids]  # no mesh, or Auto axes: XLA propagates the sharding
-    batch_axes = sharding.spec[0] if len(sharding.spec) else None
-    out_spec = PartitionSpec(batch_axes, *([None] * (table.ndim - 1)))
+    ids_spec = tuple(sharding.spec) + (None,) * (task_ids.ndim - len(sharding.spec))
+    out_spec = PartitionSpec(*ids_spec, *([None] * (table.ndim - 1)))
     return table.at[task_ids].get(out_sharding=out_spec)
 
 
