@@ -23,7 +23,6 @@ import ml_collections
 from multitask_moe.experiments.scale import Scale
 from multitask_moe.train import config_lib
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 DONE_FILE = "experiment_run.json"
 
 # configs/dense.py's changes, for configs that have no dense variant of their own.
@@ -54,18 +53,6 @@ class Run:
     init_from: str | None = None
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """get_config(arg) of configs/<name>.py for "name[:arg]"."""
-    name, _, arg = spec.partition(":")
-    path = os.path.join(CONFIG_DIR, f"{name}.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the experiments read the configs/ directory of a source "
-            "checkout (run them from the repository)"
-        )
-    return config_lib.sibling_config(path, name, arg or None)
-
-
 class Runner:
     """Runs of one Scale under `root`, each trained at most once (a finished run leaves
     DONE_FILE with its final metrics; a killed one resumes from its checkpoints)."""
@@ -80,7 +67,7 @@ class Runner:
 
     def config(self, run: Run, seed: int) -> ml_collections.ConfigDict:
         steps = getattr(self.scale, f"{run.steps}_steps")
-        config = load_config(run.config)
+        config = config_lib.load_config(run.config)
         changes = {
             "seed": seed,
             "num_cpu_devices": 0,
@@ -101,7 +88,7 @@ class Runner:
 
     def command(self, run: Run, seed: int) -> str:
         """The shell command that trains this run."""
-        config = load_config(run.config)
+        config = config_lib.load_config(run.config)
         ours = self.config(run, seed)
         flags = " ".join(
             f"--config.{key}={value}"
@@ -150,7 +137,7 @@ class Runner:
 
         scale = self.scale
         config = config_lib.set_fields(
-            load_config(f"evolve:size_scale={size_scale},baseline={baseline}"),
+            config_lib.load_config(f"evolve:size_scale={size_scale},baseline={baseline}"),
             {
                 "seed": seed,
                 "num_cpu_devices": 0,

@@ -229,6 +229,24 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# configs/ of a source checkout (an editable install): where load_config looks.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
+
+
+def load_config(spec: str, config_dir: str = CONFIG_DIR) -> ml_collections.ConfigDict:
+    """get_config(arg) of configs/<name>.py for "name[:arg]", e.g. "default:mod_squad":
+    the config the command line's --config=configs/default.py:mod_squad gives, for a
+    notebook or a script."""
+    name, _, arg = spec.partition(":")
+    path = os.path.join(config_dir, f"{name.removesuffix('.py')}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: configs are read from the configs/ directory of a source "
+            "checkout (install the repository with pip install -e)"
+        )
+    return sibling_config(path, name.removesuffix(".py"), arg or None)
+
+
 def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """get_config(arg) of configs/<name>.py beside the config file `file` (__file__):
     config files are loaded by path, not as a package, so one reuses another this way."""
