@@ -13,6 +13,7 @@ from multitask_moe import data
 SINGLE = {"process_index": 0, "process_count": 1}
 
 
+@pytest.mark.slow  # ~20 s of tf.data pipelines for three tasks
 def test_default_mock_data_feeds_a_mixture_of_tfds_names(tmp_path):
     import tensorflow_datasets as tfds
 

@@ -46,6 +46,7 @@ def test_text_datasets_resolve_with_their_text_feature(mocked):
         assert task.num_tokens(8, 2) == tasks_lib.TEXT_LENGTH and task.token_dim(8, 2) == 1
 
 
+@pytest.mark.slow  # ~20 s of tf.data pipelines
 def test_text_tokens_are_the_bytes_plus_one_and_the_mask_their_length(mocked):
     mix = data.Mixture({"imdb_reviews": 1.0, "iris": 1.0}, image_size=8, patch_size=2,
                        data_dir=mocked)  # fmt: skip
