@@ -97,7 +97,7 @@ def test_report_from_known_measurements(tmp_path):
     text = open(path).read()
     assert "| MoE in the mixture | 0.700 ± 0.100 |" in text
     assert "| 2. low_resource | MoE: mixture > alone | agrees |" in text
-    assert "500 steps" in text  # the setting names the scale's steps
+    assert f"{SCALES['full'].single_steps} steps" in text  # the setting names the scale's steps
     assert (tmp_path / "results" / "low_resource.png").stat().st_size > 0
     assert json.load(open(tmp_path / "results" / "low_resource.json"))["per_seed"] == per_seed
 

@@ -113,16 +113,50 @@ def measure_in_processes(args: argparse.Namespace) -> None:
         sys.exit(f"error: {len(failed)} worker(s) failed: {failed}")
 
 
-def header(args, seconds: float) -> str:
+RUN_FILE = "run.json"  # how long the call that measured took, for the header
+
+
+def missing(names, seeds, workdir: str) -> bool:
+    """Whether any (seed, claim) still has to be measured."""
+    return any(
+        not os.path.exists(os.path.join(workdir, f"seed{seed}", "measured", f"{name}.json"))
+        for seed in seeds
+        for name in names
+    )
+
+
+def run_record(args, seconds: float | None) -> dict:
+    """The measuring call's record: written when this call measured something, else the
+    one an earlier call wrote (a report-only call keeps the wall time of the real run)."""
+    path = os.path.join(args.out, "results", RUN_FILE)
+    if seconds is None and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    record = {
+        "command": f"python -m multitask_moe.experiments --scale={args.scale} --jobs={args.jobs}",
+        "date": datetime.date.today().isoformat(),
+        "seeds": list(args.seeds),
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "wall_seconds": seconds,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def header(record: dict) -> str:
+    wall = record["wall_seconds"]
     return "\n".join(
         [
             "# Results: the papers' claims at small scale",
             "",
-            "Written by `python -m multitask_moe.experiments "
-            f"--scale={args.scale} --jobs={args.jobs}` (`make reproduce`) on "
-            f"{datetime.date.today().isoformat()}: seeds {', '.join(map(str, args.seeds))}, "
-            f"{os.cpu_count()} CPU cores ({platform.machine()}), {seconds / 60:.0f} min wall "
-            "(runs cached from an earlier call are not counted again). Each claim: the "
+            f"Written by `{record['command']}` (`make reproduce`) on {record['date']}: seeds "
+            f"{', '.join(map(str, record['seeds']))}, {record['cpu_cores']} CPU cores "
+            f"({record['machine']}), "
+            + (f"{wall / 60:.0f} min wall to train and measure" if wall else "wall time unknown")
+            + ". Each claim: the "
             "setting, our numbers as mean ± standard deviation over seeds, the paper's "
             "direction and whether ours agrees. A difference whose mean lies within one "
             "standard deviation of its per-seed values is reported as within noise. "
@@ -138,6 +172,7 @@ def main(argv: list[str]) -> None:
 
     scale = SCALES[args.scale]
     start = time.perf_counter()
+    measures = missing(args.names, args.seeds, args.workdir)
     if args.jobs > 1 and len(args.seeds) > 1 and not args.measure_only:
         measure_in_processes(args)
     configure_jax(args.workdir)
@@ -152,7 +187,8 @@ def main(argv: list[str]) -> None:
 
     for name, per_seed in results.items():
         report.write_claim(args.out, report.claim_result(CLAIMS[name], scale, per_seed, args.seeds))
-    path = report.write_markdown(args.out, header(args, time.perf_counter() - start))
+    record = run_record(args, time.perf_counter() - start if measures else None)
+    path = report.write_markdown(args.out, header(record))
     print(f"Results: {path}", flush=True)
 
 

@@ -83,7 +83,7 @@ def plot(result: dict, path: str) -> None:
 
 def _fmt(s: Mapping) -> str:
     value = stats.Stat(**s)
-    if abs(value.mean) >= 100:
+    if abs(value.mean) >= 100 or value.std >= 100:  # parameter counts
         return f"{value.mean:,.0f} ± {value.std:,.0f}" if value.n > 1 else f"{value.mean:,.0f}"
     return str(value)
 
@@ -92,8 +92,10 @@ def _verdict_line(v: Mapping) -> str:
     expect = {">": "higher", "<": "lower", "~": f"within {v['tolerance']}", "=": "equal"}[
         v["expect"]
     ]
-    d = stats.Stat(**v["difference"])
-    return f"- {v['label']}: difference {d} (paper: {expect}) -> **{v['outcome']}**"
+    return (
+        f"- {v['label']}: difference {_fmt(v['difference'])} (paper: {expect}) -> "
+        f"**{v['outcome']}**"
+    )
 
 
 def claim_markdown(result: dict) -> str:
