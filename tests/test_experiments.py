@@ -130,6 +130,10 @@ def test_quick_scale_measures_every_claim(tmp_path):
         result = json.load(open(tmp_path / "docs" / "results" / f"{claim.name}.json"))
         assert len(result["verdicts"]) == len(claim.compares)
         for _, key in claim.rows:
+            if "/params_added/" in key and int(key.rsplit("/", 1)[1]) > len(
+                SCALES["quick"].evolve_tasks
+            ):
+                continue  # the quick scale evolves fewer tasks than the full one
             assert math.isfinite(result["stats"][key]["mean"]), (claim.name, key)
         assert f"## {claim.number}. {claim.title}" in text
     evolution = json.load(open(tmp_path / "docs" / "results" / "evolution.json"))

@@ -20,6 +20,7 @@ from multitask_moe.experiments.catalogue import (
     single_task_run,
 )
 from multitask_moe.experiments.runs import Runner
+from multitask_moe.experiments.scale import EVOLVE_TASKS
 from multitask_moe.experiments.stats import Compare
 
 # configs/add_tasks.py's task lists.
@@ -437,6 +438,7 @@ def _evolution_figures(summary: dict) -> dict:
         sum(c["size"] for c in r["components"].values() if c["kind"] != "reused") for r in records
     ]
     return {
+        **{f"params_added/{i}": float(a) for i, a in enumerate(added, start=1)},
         "accuracy": float(np.mean([r["test_accuracy_when_added"] for r in records])),
         "forgetting": float(
             max(abs(r["test_accuracy_now"] - r["test_accuracy_when_added"]) for r in records)
@@ -487,6 +489,10 @@ EVOLUTION = Claim(
         ("s = 0.9: parameters of the system", "s0.9/params_total"),
         ("s = 0.5: parameters of the system", "s0.5/params_total"),
         ("fine-tuned root per task: parameters", "finetune/params_total"),
+        *(
+            (f"s = 1: parameters added by task {i} ({task})", f"s1.0/params_added/{i}")
+            for i, task in enumerate(EVOLVE_TASKS, start=1)
+        ),
         ("s = 1: parameters added by the first task", "s1.0/params_added_first"),
         ("s = 1: parameters added per later task", "s1.0/params_added_later"),
         ("s = 0.5: parameters added per later task", "s0.5/params_added_later"),
