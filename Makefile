@@ -36,7 +36,7 @@ bench: install
 	done
 
 # The papers' claims at small scale, 3 seeds: docs/results.md and docs/results/ (runs are
-# cached in workdir/experiments, so a killed run resumes). One claim:
+# cached in workdir/experiments/full, so a killed run resumes). One claim:
 # `.venv/bin/python -m multitask_moe.experiments NAME` (docs/experiments.md).
 reproduce: install
 	$(PY) -m multitask_moe.experiments --jobs=3 $(ARGS)

@@ -10,5 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/common.sh
-run "${PYTHON:-.venv/bin/python}" -m multitask_moe.train --config="$CONFIG" \
-  --workdir="$WORKDIR" "$@"
+command=("${PYTHON:-.venv/bin/python}" -m multitask_moe.train --config="$CONFIG" \
+  --workdir="$WORKDIR" "$@")
+# exec: the trainer replaces this shell, so a SIGTERM sent to the script reaches it.
+if ((DRY_RUN)); then run "${command[@]}"; else exec "${command[@]}"; fi

@@ -113,7 +113,25 @@ def test_bad_arguments_name_the_value(capsys):
             parse_args(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-    assert parse_args(["mi_loss", "--scale=quick"]).seeds == SCALES["quick"].seeds
+    quick = parse_args(["mi_loss", "--scale=quick", "--seeds=1,1,0"])
+    assert quick.seeds == (1, 0)  # once each: two workers never share a seed's workdir
+    # A short scale caches and reports apart from the full run's committed results.
+    assert quick.workdir == os.path.join("workdir", "experiments", "quick")
+    assert quick.out == os.path.join(quick.workdir, "report")
+    assert parse_args([]).out == "docs"
+
+
+def test_one_report_shows_one_scale(tmp_path):
+    per_seed = [{"moe_mixture": 0.6, "moe_alone": 0.5, "dense_mixture": 0.4, "dense_alone": 0.45,
+                 "logreg": 0.75}]  # fmt: skip
+    full = report.claim_result(LOW_RESOURCE_CLAIM, SCALES["full"], per_seed, (0,))
+    report.write_claim(str(tmp_path), full)
+    quick = {**report.claim_result(LOW_RESOURCE_CLAIM, SCALES["quick"], per_seed, (0,)),
+             "name": "unseen"}  # fmt: skip
+    with open(tmp_path / "results" / "unseen.json", "w") as f:
+        json.dump(quick, f)
+    with pytest.raises(ValueError, match="different scales or seeds"):
+        report.write_markdown(str(tmp_path), "# header")
 
 
 @pytest.mark.slow  # ~15 min: every claim at the quick scale (one seed, 100-step runs)

@@ -50,8 +50,9 @@ def text_tokens(text: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def text_valid(tokens: tf.Tensor) -> tf.Tensor:
-    """text tokens [T, 1] -> bool [T]: the positions that hold a byte."""
-    return tokens[:, 0] > 0
+    """text tokens [T, 1] -> bool [T]: the positions that hold a byte, and always the
+    first (an empty text is one padding token, never a row with nothing to attend to)."""
+    return tf.concat([tf.constant([True]), tokens[1:, 0] > 0], axis=0)
 
 
 def pad_tokens(

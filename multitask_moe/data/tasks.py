@@ -190,7 +190,8 @@ class Task:
         process_index: int = 0,
         process_count: int = 1,
     ) -> Any:
-        """tf.data.Dataset of {"tokens": float32 [n, d], "label": int32 []} in stored order.
+        """tf.data.Dataset of {"tokens": float32 [n, d], "label": int32 []} in stored order
+        (text adds "valid": bool [n], the positions that hold a byte).
 
         n, d = num_tokens(...), token_dim(...). With process_count > 1 only this process's
         shard (tfds.even_splits, sizes differ by at most one) is read.
@@ -366,11 +367,24 @@ def _tfds_task(name: str, data_dir: str) -> Task:
         modality=modality,
         tfds_name=f"{builder.name}{config}:{builder.version}",
         data_dir=data_dir,
-        splits=_tfds_splits(name, info.splits) if info.splits else _unsized_splits(),
+        splits=_tfds_splits(name, _labeled_splits(builder.name, info.splits))
+        if info.splits
+        else _unsized_splits(),
         input_key=input_key,
         label_key=label_key,
         input_shape=shape,
     )
+
+
+# Datasets whose "test" split has no labels (GLUE's are -1): their validation split
+# serves as the test split, and validation comes out of train.
+UNLABELED_TEST = ("glue",)
+
+
+def _labeled_splits(builder_name: str, splits: Mapping[str, Any]) -> Mapping[str, Any]:
+    if builder_name in UNLABELED_TEST:
+        return {name: info for name, info in splits.items() if not name.startswith("test")}
+    return splits
 
 
 def _input_and_label(name: str, info) -> tuple[str, str]:
@@ -387,6 +401,13 @@ def _input_and_label(name: str, info) -> tuple[str, str]:
         texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
         input_key = "image" if "image" in features or not texts else texts[0]
         label_key = "label"
+    text = input_key in features and isinstance(features[input_key], tfds.features.Text)
+    if text and features[input_key].encoder:
+        raise ValueError(
+            f"TFDS dataset {name!r} stores its text {input_key!r} as subword ids; use a "
+            "config that stores plain text (e.g. imdb_reviews/plain_text): text is read as "
+            "UTF-8 bytes"
+        )
     if not (
         input_key in features
         and label_key in features

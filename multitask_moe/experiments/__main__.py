@@ -32,8 +32,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("names", nargs="*", help=f"claims (default: all): {', '.join(CLAIMS)}")
     parser.add_argument("--scale", default="full", help=f"one of {', '.join(SCALES)}")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the scale's)")
-    parser.add_argument("--workdir", default="workdir/experiments", help="runs and caches")
-    parser.add_argument("--out", default="docs", help="where results.md and results/ go")
+    parser.add_argument(
+        "--workdir", default="", help="runs and caches (default: workdir/experiments/<scale>)"
+    )
+    parser.add_argument(
+        "--out",
+        default="",
+        help="where results.md and results/ go (default: docs for the full scale, else "
+        "<workdir>/report, so a short run never replaces the committed results)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="processes measuring seeds")
     parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -49,7 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds={args.seeds!r} must be comma-separated ints")
-    args.seeds = tuple(seeds) or SCALES[args.scale].seeds
+    args.seeds = tuple(dict.fromkeys(seeds)) or SCALES[args.scale].seeds  # once each
+    args.workdir = args.workdir or os.path.join("workdir", "experiments", args.scale)
+    args.out = args.out or (
+        "docs" if args.scale == "full" else os.path.join(args.workdir, "report")
+    )
     return args
 
 
@@ -125,20 +136,22 @@ def missing(names, seeds, workdir: str) -> bool:
     )
 
 
-def run_record(args, seconds: float | None) -> dict:
-    """The measuring call's record: written when this call measured something, else the
-    one an earlier call wrote (a report-only call keeps the wall time of the real run)."""
+def run_record(args, seconds: float | None, complete: bool) -> dict:
+    """How the report's numbers were measured. A call that measured every (seed, claim)
+    of every claim from scratch writes its wall time; a call that only rewrote the report
+    keeps the record it finds; any other measuring call (one claim, a resumed run) writes
+    a record without a wall time, naming what it measured."""
     path = os.path.join(args.out, "results", RUN_FILE)
     if seconds is None and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     record = {
-        "command": f"python -m multitask_moe.experiments --scale={args.scale} --jobs={args.jobs}",
+        "command": "python -m multitask_moe.experiments " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "seeds": list(args.seeds),
         "cpu_cores": os.cpu_count(),
         "machine": platform.machine(),
-        "wall_seconds": seconds,
+        "wall_seconds": seconds if complete else None,
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -152,10 +165,14 @@ def header(record: dict) -> str:
         [
             "# Results: the papers' claims at small scale",
             "",
-            f"Written by `{record['command']}` (`make reproduce`) on {record['date']}: seeds "
+            f"Written by `{record['command']}` on {record['date']}: seeds "
             f"{', '.join(map(str, record['seeds']))}, {record['cpu_cores']} CPU cores "
             f"({record['machine']}), "
-            + (f"{wall / 60:.0f} min wall to train and measure" if wall else "wall time unknown")
+            + (
+                f"{wall / 60:.0f} min wall to train and measure"
+                if wall
+                else "wall time not recorded (measured in parts or resumed)"
+            )
             + ". Each claim: the "
             "setting, our numbers as mean ± standard deviation over seeds, the paper's "
             "direction and whether ours agrees. A difference whose mean lies within one "
@@ -173,6 +190,11 @@ def main(argv: list[str]) -> None:
     scale = SCALES[args.scale]
     start = time.perf_counter()
     measures = missing(args.names, args.seeds, args.workdir)
+    from multitask_moe.experiments.claims import CLAIMS
+
+    complete = set(args.names) == set(CLAIMS) and all(
+        missing([name], [seed], args.workdir) for name in CLAIMS for seed in args.seeds
+    )
     if args.jobs > 1 and len(args.seeds) > 1 and not args.measure_only:
         measure_in_processes(args)
     configure_jax(args.workdir)
@@ -183,11 +205,10 @@ def main(argv: list[str]) -> None:
     if args.measure_only:
         return
     from multitask_moe.experiments import report
-    from multitask_moe.experiments.claims import CLAIMS
 
     for name, per_seed in results.items():
         report.write_claim(args.out, report.claim_result(CLAIMS[name], scale, per_seed, args.seeds))
-    record = run_record(args, time.perf_counter() - start if measures else None)
+    record = run_record(args, time.perf_counter() - start if measures else None, complete)
     path = report.write_markdown(args.out, header(record))
     print(f"Results: {path}", flush=True)
 

@@ -52,9 +52,17 @@ def write_claim(out_dir: str, result: dict) -> None:
     plot(result, os.path.join(directory, f"{result['name']}.png"))
 
 
+def _unit(mean: float) -> str:
+    """Rows of one plot panel share a scale: parameter counts, counts and ratios around 1
+    and above (experts, speedups), accuracies and other fractions."""
+    if abs(mean) >= 100:
+        return "parameters"
+    return "counts and ratios" if abs(mean) > 1.0 else "fractions"
+
+
 def plot(result: dict, path: str) -> None:
-    """A horizontal bar per table row of the same unit as the first row (mean, with the
-    seeds' standard deviation as error bars)."""
+    """Horizontal bars of the table's rows (mean, with the seeds' standard deviation as
+    error bars), one panel per unit so that no row is dwarfed by another."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,18 +72,26 @@ def plot(result: dict, path: str) -> None:
     rows = [(label, result["stats"][key]) for label, key in claim.rows if key in result["stats"]]
     if not rows:
         return
-    labels = [label for label, _ in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
-    ax.barh(
-        range(len(rows)),
-        [s["mean"] for _, s in rows],
-        xerr=[s["std"] for _, s in rows],
-        color="#4C72B0",
-        capsize=3,
-    )
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_title(f"{result['claim']}. {result['title']}", fontsize=9)
+    panels: dict[str, list] = {}
+    for label, s in rows:
+        panels.setdefault(_unit(s["mean"]), []).append((label, s))
+    heights = [0.35 * len(members) + 0.8 for members in panels.values()]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, sum(heights) + 0.6), squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )  # fmt: skip
+    for ax, (unit, members) in zip(axes[:, 0], panels.items(), strict=True):
+        ax.barh(
+            range(len(members)),
+            [s["mean"] for _, s in members],
+            xerr=[s["std"] for _, s in members],
+            color="#4C72B0",
+            capsize=3,
+        )
+        ax.set_yticks(range(len(members)), [label for label, _ in members], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit, fontsize=7)
+    fig.suptitle(f"{result['claim']}. {result['title']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,7 +137,7 @@ def claim_markdown(result: dict) -> str:
             key=lambda t: list(result["stats"]).index(f"{claim.per_task[0]}/{t}"),
         )
         lines += ["", "Per task (mean over seeds):", ""]
-        lines.append("| task | " + " | ".join(claim.per_task) + " |")
+        lines.append("| dataset | " + " | ".join(claim.per_task) + " |")
         lines.append("|---" * (len(claim.per_task) + 1) + "|")
         for task in tasks:
             cells = [f"{result['stats'][f'{arm}/{task}']['mean']:.3f}" for arm in claim.per_task]
@@ -132,6 +148,17 @@ def claim_markdown(result: dict) -> str:
             lines.append(f"- {key}: {', '.join(str(v) for v in values)}")
     lines += ["", f"![{result['name']}]({RESULTS_DIR}/{result['name']}.png)", ""]
     return "\n".join(lines)
+
+
+def _claim_results(directory: str) -> list[dict]:
+    """Every claim JSON in `directory`, in claim order."""
+    results = []
+    for claim in CLAIMS.values():
+        path = os.path.join(directory, f"{claim.name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
 
 
 def summary_table(results: Sequence[dict]) -> str:
@@ -147,15 +174,16 @@ def write_markdown(out_dir: str, header: str) -> str:
     hand-written discussion beside them."""
     directory = os.path.join(out_dir, RESULTS_DIR)
     discussion = ""
+    runs = {(r["scale"], tuple(r["seeds"])) for r in _claim_results(directory)}
+    if len(runs) > 1:
+        raise ValueError(
+            f"{directory} holds claims of different scales or seeds {sorted(runs)}: one "
+            "report shows one run; use another --out"
+        )
     if os.path.exists(os.path.join(directory, DISCUSSION_FILE)):
         with open(os.path.join(directory, DISCUSSION_FILE)) as f:
             discussion = f.read().strip() + "\n"
-    results = []
-    for claim in CLAIMS.values():
-        path = os.path.join(directory, f"{claim.name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results.append(json.load(f))
+    results = _claim_results(directory)
     text = "\n".join(
         [header, "", summary_table(results), "", discussion, *map(claim_markdown, results)]
     )

@@ -54,8 +54,10 @@ class Run:
 
 
 class Runner:
-    """Runs of one Scale under `root`, each trained at most once (a finished run leaves
-    DONE_FILE with its final metrics; a killed one resumes from its checkpoints)."""
+    """Runs of one Scale under `root`, each trained at most once: a finished run leaves
+    DONE_FILE with its final metrics. The runs checkpoint only at their end (or on
+    SIGTERM), so a run killed midway trains again from its start or its SIGTERM
+    checkpoint."""
 
     def __init__(self, root: str, scale: Scale, log: Callable[[str], None] = print):
         self.root = root
