@@ -20,12 +20,12 @@ from multitask_moe.models import MultitaskTransformer
 SINGLE = {"process_index": 0, "process_count": 1}
 
 
-@pytest.fixture(scope="module")
-def mocked(tmp_path_factory):
-    import tensorflow_datasets as tfds
-
+@pytest.fixture
+def mocked(tmp_path):
+    """tfds.testing.mock_data for one test only: a module-wide mock would still be active
+    in the training test below, which reads a real prepared dataset."""
     with tfds.testing.mock_data(num_examples=8):
-        yield str(tmp_path_factory.mktemp("nothing_prepared"))
+        yield str(tmp_path / "nothing_prepared")
 
 
 def _raw_texts(task) -> list[bytes]:
