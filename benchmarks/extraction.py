@@ -60,6 +60,7 @@ def train(variant: str, steps: int, workdir: str) -> None:
 
 def benchmark_variant(variant: str, workdir: str, args, mesh: dict) -> dict:
     from multitask_moe import lifecycle
+    from multitask_moe.lifecycle import timing
     from multitask_moe.lifecycle.timing import Timed
     from multitask_moe.train import setup
 
@@ -86,17 +87,13 @@ def benchmark_variant(variant: str, workdir: str, args, mesh: dict) -> dict:
             "full_same_groups": Timed(full_same_groups, task_id, args.batch),
             "extracted": Timed(extracted, 0, args.batch),
         }
-        for _ in range(args.runs):
-            for timed in models.values():  # interleaved: load on the machine hits all alike
-                timed.run(args.calls)
+        timing.run_interleaved(models, args.runs, args.calls)
         throughput = {
             name: args.batch / statistics.median(timed.times) for name, timed in models.items()
         }
 
         def paired(name, models=models):
-            return statistics.median(
-                f / e for f, e in zip(models[name].times, models["extracted"].times, strict=True)
-            )
+            return timing.speedup(models[name], models["extracted"])
 
         kept = summary["kept_experts"]
         row = {

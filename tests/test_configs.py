@@ -154,3 +154,18 @@ def test_tpu_config_shapes_on_a_fake_pod_mesh():
     assert jax.tree.structure(new_state) == jax.tree.structure(spec.abstract)
     for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(spec.abstract), strict=True):
         assert new.shape == old.shape and new.dtype == old.dtype
+
+
+def test_a_config_written_before_a_field_existed_reads_with_its_default(tmp_path):
+    import json
+
+    from multitask_moe.train import config_lib
+
+    saved = config_lib.base_config().to_dict()
+    del saved["profile_steps"], saved["model"]["moe"]["exchange"]
+    saved["seed"] = 7
+    saved["evolve"] = {"steps": 3}  # a section only some configs have stays
+    (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(saved))
+    config = config_lib.read_config(str(tmp_path))
+    assert (config.profile_steps, config.model.moe.exchange) == (0, "auto")
+    assert (config.seed, config.evolve.steps) == (7, 3)

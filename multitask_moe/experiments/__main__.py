@@ -78,8 +78,9 @@ def configure_jax(workdir: str) -> None:
 
 def measured(names, scale, seeds, workdir: str) -> dict[str, list[dict]]:
     """{claim: [measurement of each seed]}, measured now or read from the cache."""
+    from multitask_moe.evolution.report import write_json
     from multitask_moe.experiments.claims import CLAIMS, Context
-    from multitask_moe.experiments.runs import Runner, write_json
+    from multitask_moe.experiments.runs import Runner
 
     context = Context(Runner(workdir, scale, log=lambda m: print(m, flush=True)))
     out = {name: [] for name in names}

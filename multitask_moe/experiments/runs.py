@@ -111,6 +111,7 @@ class Runner:
                 return json.load(f)
         if run.init_from:
             self.train(runs[run.init_from], seed, runs)
+        from multitask_moe.evolution.report import write_json  # written whole or not at all
         from multitask_moe.train import train as train_lib
 
         self.log(f"seed {seed}: training {run.name}")
@@ -136,6 +137,7 @@ class Runner:
             with open(done) as f:
                 return json.load(f)
         from multitask_moe import evolve as evolve_cli
+        from multitask_moe.evolution.report import write_json
 
         scale = self.scale
         config = config_lib.set_fields(
@@ -166,11 +168,3 @@ def _flat_changes(before: dict, after: dict, prefix: str = "") -> dict:
         elif value != old:
             out[f"{prefix}{key}"] = f"'{value}'" if isinstance(value, str) else value
     return out
-
-
-def write_json(path: str, contents: dict) -> None:
-    """Written beside and renamed over: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(contents, f, indent=2)
-    os.replace(tmp, path)

@@ -3,7 +3,9 @@ extraction benchmark and the experiments measure throughput and peak memory with
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Mapping
 
 import jax
 from flax import nnx
@@ -68,3 +70,16 @@ class Timed:
                 out = self.compiled(self.state, self.batch)
             jax.block_until_ready(out)
         self.times.append((time.perf_counter() - start) / calls)
+
+
+def run_interleaved(models: Mapping[str, Timed], rounds: int, calls: int) -> None:
+    """`rounds` timed runs of every model, one model after another in each round, so
+    load on the machine hits them alike."""
+    for _ in range(rounds):
+        for timed in models.values():
+            timed.run(calls)
+
+
+def speedup(slow: Timed, fast: Timed) -> float:
+    """The median over rounds of slow's time / fast's time (paired round by round)."""
+    return statistics.median(s / f for s, f in zip(slow.times, fast.times, strict=True))

@@ -193,7 +193,21 @@ def read_config(directory: str) -> ml_collections.ConfigDict | None:
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    # A config written before a field existed reads as if it had the field's default, so
+    # workdirs of earlier versions still restore, evaluate and resume.
+    return ml_collections.ConfigDict(_with_defaults(base_config().to_dict(), saved))
+
+
+def _with_defaults(defaults: dict, saved: dict) -> dict:
+    """`saved` with every key of `defaults` it lacks (recursively); saved values win."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict) and value:
+            out[key] = _with_defaults(value, out[key])
+    return out
 
 
 def set_fields(config: ml_collections.ConfigDict, changes: Mapping[str, object]):
