@@ -121,10 +121,9 @@ def test_warm_start_keeps_seen_rows_by_name_and_starts_new_tasks_as_asked(source
     "mode",
     ["capacity", pytest.param("dropless", marks=pytest.mark.slow)],  # slow: +50 s
 )
-def test_shared_freeze_keeps_seen_tasks_bit_identical(
-    mode, source, source_dropless, tmp_path, capsys
-):
-    base = source if mode == "capacity" else source_dropless
+def test_shared_freeze_keeps_seen_tasks_bit_identical(mode, request, tmp_path, capsys):
+    # Only the source this mode needs is trained (each is a module-wide training).
+    base = request.getfixturevalue("source" if mode == "capacity" else "source_dropless")
     workdir = str(tmp_path / "grown")
     changes = DROPLESS if mode == "dropless" else {}
     results = train_and_evaluate(
@@ -163,6 +162,7 @@ def test_shared_freeze_keeps_seen_tasks_bit_identical(
     assert not np.array_equal(embedding[names.index("wine")], np.zeros_like(embedding[0]))
 
 
+@pytest.mark.slow  # a third training of the module (the suite's time budget)
 def test_expert_freeze_keeps_expert_weights_and_trains_the_rest(source, tmp_path):
     workdir = str(tmp_path / "grown")
     train_and_evaluate(grown_config(source, freeze="experts"), workdir)

@@ -32,7 +32,7 @@ def _run(script: str, out, *args: str, timeout: int = 300) -> dict:
 @pytest.mark.parametrize(
     "script, args",
     [
-        (
+        pytest.param(
             "moe_layer.py",
             [
                 "--tokens=256",
@@ -41,6 +41,7 @@ def _run(script: str, out, *args: str, timeout: int = 300) -> dict:
                 "--runs=1",
                 "--einsum_dropless_group=32",
             ],
+            marks=pytest.mark.slow,  # the suite's time budget; every dispatch compiles
         ),
         (
             "expert_parallel.py",

@@ -95,6 +95,7 @@ def test_sliced_extraction_keeps_the_experts_over_the_threshold(source, sliced):
     assert 0 <= summary["accuracy_extracted"]["validation"] <= 1
 
 
+@pytest.mark.slow  # two meshes and a CLI process (the suite's time budget)
 def test_extracted_model_gives_the_same_numbers_on_every_mesh(sliced):
     out, _ = sliced
     on_meshes = [

@@ -30,7 +30,7 @@ def test_linen_wrapped_layer_equals_the_nnx_layer(kind):
     x = jax.random.normal(jax.random.key(0), (4, 8, 16))
     task_ids = jnp.array([0, 1, 2, 0])
     wrapped = bridge.to_linen(cls, **kwargs)
-    variables = wrapped.init(jax.random.key(1), x, task_ids)
+    variables = jax.jit(wrapped.init)(jax.random.key(1), x, task_ids)
     params = nn.unbox(variables["params"])
 
     layer = cls(**kwargs, rngs=nnx.Rngs(7))  # other initial values, replaced below
@@ -45,10 +45,11 @@ def test_linen_wrapped_layer_equals_the_nnx_layer(kind):
         y, aux = nnx.merge(graphdef, state, rest)(x, task_ids)
         return jnp.sum(y**2) + sum(v for k, v in aux.items() if k.endswith("_loss")), y
 
-    (l1, y1), g1 = jax.value_and_grad(linen_loss, argnums=(0, 1), has_aux=True)(
+    # Compiled: op-by-op the layer's many small ops take most of a minute.
+    (l1, y1), g1 = jax.jit(jax.value_and_grad(linen_loss, argnums=(0, 1), has_aux=True))(
         variables["params"], x
     )
-    (l2, y2), g2 = jax.value_and_grad(nnx_loss, argnums=(0, 1), has_aux=True)(state, x)
+    (l2, y2), g2 = jax.jit(jax.value_and_grad(nnx_loss, argnums=(0, 1), has_aux=True))(state, x)
     np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     np.testing.assert_allclose(g1[1], g2[1], rtol=1e-5, atol=1e-6)  # d loss / d x

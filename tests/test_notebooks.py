@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ executes top to bottom without error (in this venv's
 kernel). A notebook's cell tagged "parameters" sets its sizes; as papermill does, the test
-injects a cell after it that makes the run small. The tour runs in `make test`; the
-notebooks that train run with the slow tests."""
+injects a cell after it that makes the run small. They run with the slow tests (a kernel
+start and a compile each); `make test` checks their parameter cells."""
 
 import pathlib
 
@@ -18,7 +18,7 @@ SMALL = {
     "evolution": 'TASKS = "iris, wine"\nGENERATIONS = 1\nCHILDREN = 2\nSTEPS = 8',
 }
 CASES = [
-    pytest.param(path, marks=[pytest.mark.slow] if path.stem in SMALL else [], id=path.name)
+    pytest.param(path, marks=[pytest.mark.slow], id=path.name)
     for path in sorted(NOTEBOOKS.glob("*.ipynb"))
 ]
 

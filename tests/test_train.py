@@ -208,6 +208,7 @@ def test_resume_refuses_other_data_settings(reference, tmp_path):
         train_and_evaluate(tiny_config(seed=1), str(tmp_path))
 
 
+@pytest.mark.slow  # restores onto two meshes (the suite's time budget)
 def test_checkpoint_restores_onto_another_mesh_with_the_same_eval(reference, tmp_path):
     workdir, results = reference
     final = str(2 * HALF)
@@ -334,6 +335,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
+@pytest.mark.slow  # a CLI process start and compile (the suite's time budget)
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(experiment, tmp_path):
     workdir = tmp_path / "run"
     overrides = {
