@@ -174,6 +174,20 @@ def test_moe_options_match_unsharded(options):
     _assert_same(_run(layer, inputs, (2, 4)), jax.device_get(_run(layer, inputs)))
 
 
+@pytest.mark.parametrize(
+    "options, with_mask",
+    [
+        ({"renormalize_gates": True}, True),  # rerouted: task ids and padding gathered
+        ({"router_noise": 0.5}, False),  # noise is per token: the choices are gathered
+    ],
+    ids=("rerouted-mask-renormalized", "noise-gathers-choices"),
+)
+def test_ring_matches_unsharded(options, with_mask):
+    layer = _moe("task_tokens", None, exchange="ring", **options)
+    inputs = _inputs() if with_mask else _inputs()[:2]
+    _assert_same(_run(layer, inputs, (2, 4)), jax.device_get(_run(layer, inputs)))
+
+
 def test_built_under_mesh_is_sharded_from_creation_with_the_same_values():
     plain_moe, plain_moa = _moe(num_shared_experts=1), _moa()
     with jax.set_mesh(_mesh((2, 4))):
@@ -202,11 +216,11 @@ def test_expert_weights_are_drawn_sharded_not_copied():
     assert calls == [PartitionSpec("expert", None, None), None]
 
 
-def _forward_hlo(layer, inputs, mesh_shape=None):
+def _forward_hlo(layer, inputs, mesh_shape=None, mask=None):
     graphdef, state = nnx.split(layer)
-    forward = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))
+    forward = jax.jit(lambda state, inputs, mask: nnx.merge(graphdef, state)(*inputs, mask=mask))
     with jax.set_mesh(_mesh(mesh_shape)) if mesh_shape else contextlib.nullcontext():
-        return forward.lower(state, *inputs).compile().as_text()
+        return forward.lower(state, inputs, mask).compile().as_text()
 
 
 def test_moe_forward_hlo_has_two_all_to_alls_of_minimum_size():
@@ -229,16 +243,39 @@ def test_dropless_all_to_all_hlo_moves_the_static_bound():
     assert moved == 2 * BATCH * LENGTH * NUM_EXPERTS * D_MODEL * 4
 
 
-def test_ring_hlo_gathers_the_group_once_and_moves_no_slots():
-    text = _forward_hlo(_moe("tokens", None, exchange="ring"), _inputs()[:1], (2, 4))
+@pytest.mark.parametrize(
+    "routing, inputs, per_example, per_token",
+    [
+        ("tokens", 1, 0, 0),  # the tokens alone
+        ("task_tokens", 2, 4, 0),  # one int32 task id per example
+        ("tokens", 3, 0, 1),  # the padding mask, one bool per token
+    ],
+    ids=("tokens", "task-ids", "mask"),
+)
+def test_ring_hlo_gathers_the_tokens_not_their_choices(routing, inputs, per_example, per_token):
+    x, task_ids, mask = _inputs()
+    text = _forward_hlo(
+        _moe(routing, None, exchange="ring"),
+        (x, task_ids if inputs == 2 else None),
+        (2, 4),
+        mask=mask if inputs == 3 else None,
+    )
     counts = hlo.collective_counts(text)
     assert counts["all-to-all"] == 0, hlo.collective_lines(text, "all-to-all")
-    # Tokens, the choices' experts and their gates; one reduce-scatter of the outputs.
-    assert counts["all-gather"] == 3 and counts["reduce-scatter"] == 1
-    tokens_here, group = BATCH * LENGTH // 8, 4  # per device; devices on 'expert'
+    assert counts["reduce-scatter"] == 1
+    tokens_here, examples_here, group = BATCH * LENGTH // 8, BATCH // 8, 4  # per device
+    # Every device routes the gathered tokens itself: no expert ids or gates on the links.
+    gathered = group * (tokens_here * (D_MODEL * 4 + per_token) + examples_here * per_example)
+    assert sum(hlo.collective_bytes(text, "all-gather")) == gathered
+    assert hlo.collective_bytes(text, "reduce-scatter") == [tokens_here * D_MODEL * 4]
+
+
+def test_ring_with_router_noise_gathers_the_choices():
+    layer = _moe("tokens", None, exchange="ring", router_noise=1.0)
+    text = _forward_hlo(layer, _inputs()[:1], (2, 4))  # the layer trains: noise is drawn
+    tokens_here, group = BATCH * LENGTH // 8, 4
     per_token = D_MODEL * 4 + 2 * TOP_K * 4  # a float32 row, K int32 experts, K gates
     assert sum(hlo.collective_bytes(text, "all-gather")) == group * tokens_here * per_token
-    assert hlo.collective_bytes(text, "reduce-scatter") == [tokens_here * D_MODEL * 4]
 
 
 @pytest.fixture
@@ -320,7 +357,8 @@ def test_exchange_resolution_and_bad_settings():
 
 
 def test_moa_hlo_has_four_all_to_alls_and_no_all_gather():
-    counts = hlo.collective_counts(_forward_hlo(_moa(), _inputs(), (2, 4)))
+    x, task_ids, mask = _inputs()
+    counts = hlo.collective_counts(_forward_hlo(_moa(), (x, task_ids), (2, 4), mask=mask))
     assert counts["all-to-all"] == 4 and counts["all-gather"] == 0
 
 

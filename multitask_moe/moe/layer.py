@@ -246,7 +246,14 @@ class MoE(nnx.Module, TracksUsage):
         probs = jax.nn.softmax(logits, axis=-1)
         logits, probs = held_columns(self.kept_experts, logits, probs)  # [G, S, E]
         routing_plan = self.make_plan(probs, deterministic, valid, exchange=exchange)
-        y = self.move_tokens(groups.astype(self.dtype), routing_plan, exchange)  # [G, S, D]
+        rerouting = None
+        if noise is None and x.dtype == self.dtype:  # the ring sees what the router saw
+            rerouting = sharded_dropless.Rerouting(
+                self.choose_experts,
+                inputs.get("task_ids") if self.kind.needs_tasks else None,
+                None if valid is None else valid.reshape(-1),
+            )
+        y = self.move_tokens(groups.astype(self.dtype), routing_plan, exchange, rerouting)
 
         stats = self.routing_stats(logits, probs, routing_plan, token_tasks, valid)
         aux = losses.aux_from_stats(exchange.total(stats), choice=self.kind.choice)
@@ -298,21 +305,49 @@ class MoE(nnx.Module, TracksUsage):
             valid=valid,
         )
 
+    def choose_experts(
+        self, tokens: jax.Array, token_tasks: jax.Array | None, valid: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Dropless token choice without router noise, as `forward` routes: tokens [M, D],
+        token_tasks [M] or None, valid [M] or None -> (experts [M, K] int32, E where a
+        token is padding; gates [M, K] float32)."""
+        tasks = None if token_tasks is None else token_tasks[None]
+        logits = self.router(tokens[None], tasks)  # [1, M, router_width]
+        probs = jax.nn.softmax(logits, axis=-1)
+        _, probs = held_columns(self.kept_experts, logits, probs)  # [1, M, E]
+        experts, gates = plan.top_k_choices(
+            probs,
+            self.top_k,
+            renormalize=self.renormalize_gates,
+            valid=None if valid is None else valid[None],
+        )  # [1, K, M] each
+        return experts[0].T, gates[0].T
+
     def sorted_dropless(self, deterministic: bool) -> bool:
         """Whether this mode routes dropless token choice in sorted rows (index dispatch)."""
         factor = self.eval_capacity_factor if deterministic else self.capacity_factor
         return factor is None and self.dispatch == "index" and self.kind.choice == "tokens"
 
     def move_tokens(
-        self, groups: jax.Array, routing_plan: plan.Plan, exchange: Exchange = LOCAL
+        self,
+        groups: jax.Array,
+        routing_plan: plan.Plan,
+        exchange: Exchange = LOCAL,
+        rerouting: sharded_dropless.Rerouting | None = None,
     ) -> jax.Array:
         """groups [G, S, D] -> routed output [G, S, D]: dispatch, experts, combine, in the
         plan's layout. exchange: carries the slots (all-to-all) or the sorted rows (ring,
-        ragged) to the devices holding their experts and back."""
+        ragged) to the devices holding their experts and back. rerouting: lets the ring
+        route the gathered tokens instead of gathering the plan's choices."""
         if routing_plan.sorted_blocks and exchange.moves_rows:
-            move = sharded_dropless.ring if exchange.kind == "ring" else sharded_dropless.ragged
             tokens = groups.reshape(-1, self.d_model)  # [N, D]
-            out = move(self.experts, tokens, routing_plan, exchange, self.dropless_block_size)
+            tile = self.dropless_block_size
+            if exchange.kind == "ring":
+                out = sharded_dropless.ring(
+                    self.experts, tokens, routing_plan, exchange, tile, rerouting
+                )
+            else:
+                out = sharded_dropless.ragged(self.experts, tokens, routing_plan, exchange, tile)
             return out.reshape(groups.shape)
         if routing_plan.sorted_blocks:  # all tokens in one group, rows sorted by expert
             tokens = groups.reshape(1, -1, self.d_model)  # [1, N, D]

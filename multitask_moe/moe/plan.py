@@ -171,6 +171,20 @@ def dropless_token_choice(
     row bound is A + E * (block_size - 1) rounded up to a block (A = G * S * K), never the
     A * E of a [tokens, experts, capacity] layout. valid [G, S] bool: padding gets no row.
     """
+    experts_ks, gates_ks = top_k_choices(probs, top_k, renormalize=renormalize, valid=valid)
+    return dropless_assignments(experts_ks, gates_ks, probs.shape[-1], block_size)
+
+
+def top_k_choices(
+    probs: jax.Array,
+    top_k: int,
+    *,
+    renormalize: bool = False,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Every token's top-k: probs [G, S, E], valid [G, S] bool or None -> (experts_ks
+    [1, K, N] int32, E for a padding token's choices; gates_ks [1, K, N] float32), N = G * S.
+    """
     num_groups, group_size, num_experts = probs.shape
     num_tokens = num_groups * group_size
     probs = probs.reshape(1, num_tokens, num_experts)
@@ -182,12 +196,7 @@ def dropless_token_choice(
         None if valid is None else valid.reshape(1, num_tokens), experts_ks.shape
     )  # [1, K, N]
     # Padding counts as expert E: no position, no row (its one-hot row is empty).
-    return dropless_assignments(
-        jnp.where(valid_ks, experts_ks, num_experts),
-        gates.transpose(0, 2, 1),
-        num_experts,
-        block_size,
-    )
+    return jnp.where(valid_ks, experts_ks, num_experts), gates.transpose(0, 2, 1)
 
 
 def dropless_assignments(

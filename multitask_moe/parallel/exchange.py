@@ -8,11 +8,14 @@ only part of it that knows about the mesh. Three exchanges, all exact:
               capacity routing; dropless routing must then use C = S slots (a token picks
               each expert at most once), E / K times the rows that are really routed.
   ring        ring of experts, for dropless token choice: every device all-gathers the
-              tokens and routing choices of its 'expert' group, runs its local experts on
-              the rows routed to them (the grouped matmul over sorted rows, no slot
-              padding), and a reduce-scatter sums each token's expert outputs back onto
-              the device it came from. Bytes per device: 2 (n - 1) / n x n N x D for an
-              expert axis of n (n N tokens in the group), whatever E / K is.
+              tokens of its 'expert' group, routes them itself (the router is
+              replicated; no expert ids or gates cross the links), runs its local
+              experts on the rows routed to them (the grouped matmul over sorted rows,
+              no slot padding), and a reduce-scatter sums each token's expert outputs
+              back onto the device it came from. Bytes per device: 2 (n - 1) / n x n N
+              x D for an expert axis of n (n N tokens in the group), whatever E / K is,
+              plus a task id per example and the padding mask where the routing has
+              them (moe/sharded_dropless.py).
   ragged      jax.lax.ragged_all_to_all, for dropless token choice: each device sends
               every other exactly the rows routed to its experts and gets the outputs
               back; the minimum bytes. XLA lowers it for GPU and TPU only (not CPU).
