@@ -273,6 +273,34 @@ def test_a_damaged_step_falls_back_to_the_previous_one(experiment, reference, tm
     assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
 
 
+def test_killed_writes_partial_steps_are_cleared_by_the_next_writer_only(tmp_path):
+    """Kills during the writes of steps 8 and 12 leave their temporary directories; the
+    resumed run clears both before it writes (it rewrites step 8 and may never reach 12).
+    Readers (evaluation, extraction) leave them: they may be a live run's writes."""
+    directory = tmp_path / "checkpoints"
+    first = Checkpoints(str(directory), keep=3, enable_async=False)
+    first.save(4, {"w": np.arange(6.0)}, {"data_step": 4})
+    first.close()
+    partial = [directory / f"{step}.orbax-checkpoint-tmp" for step in (8, 12)]
+    for path in partial:
+        shutil.copytree(directory / "4", path)
+        for data in glob.glob(f"{path}/**/d/*", recursive=True):
+            os.truncate(data, 3)  # cut off mid-write
+    reader = Checkpoints(str(directory), keep=3)
+    reader.close()
+    assert all(path.exists() for path in partial)
+    writer = Checkpoints(str(directory), keep=3, writer=True)
+    assert writer.latest_step() == 4
+    writer.save(8, {"w": np.arange(6.0) + 1}, {"data_step": 8})
+    writer.close()
+    assert sorted(os.listdir(directory)) == ["4", "8"]
+    reader = Checkpoints(str(directory), keep=3)
+    state, progress = reader.restore(8, {"w": jax.ShapeDtypeStruct((6,), np.float64)})
+    reader.close()
+    assert progress["data_step"] == 8
+    np.testing.assert_array_equal(state["w"], np.arange(6.0) + 1)
+
+
 @pytest.mark.slow  # compiles a second model
 def test_resume_with_other_parameter_shapes_names_the_changed_fields(reference, tmp_path):
     workdir, _ = reference

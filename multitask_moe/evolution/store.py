@@ -38,8 +38,13 @@ class SystemCheckpoints:
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
+            # The evolution command is the only writer: a killed run's partial step
+            # directories are removed (see train.checkpoint.Checkpoints).
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,
             ),
             item_names=("arrays", "meta"),
             item_handlers={

@@ -101,11 +101,21 @@ class Checkpoints:
     """CheckpointManager for one workdir: save(step, state, progress), restore(step, ...),
     restore_latest_readable(...)."""
 
-    def __init__(self, directory: str, *, keep: int, enable_async: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int, enable_async: bool = True, writer: bool = False
+    ):
+        """writer: this is the run that writes here (it holds the workdir's run lock), so
+        the partial step directories a killed run left (`<step>.orbax-checkpoint-tmp`,
+        never a checkpoint) are removed now. Rewriting the same step over one of them
+        failed in a resumed run ("NOT_FOUND ... Error reading Byte range" in its OCDBT
+        files); a reader must leave them, they may be a live run's write."""
         # Orbax wants an absolute path; gs:// buckets already are.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=enable_async
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=enable_async,
+            cleanup_tmp_directories=writer,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,

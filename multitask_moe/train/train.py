@@ -69,7 +69,9 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
     config, spec, task_names = experiment.config, experiment.model.spec, experiment.task_names
     chief = jax.process_index() == 0
     batch_sharding = parallel.batch_sharding(experiment.mesh)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpoints = Checkpoints(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, writer=True
+    )
     writer = None
     try:
         # Restored (or refused) before config.json is replaced, so a refused resume can
