@@ -244,21 +244,21 @@ def test_dropless_all_to_all_hlo_moves_the_static_bound():
 
 
 @pytest.mark.parametrize(
-    "routing, inputs, per_example, per_token",
+    "routing, with_mask, per_example, per_token",
     [
-        ("tokens", 1, 0, 0),  # the tokens alone
-        ("task_tokens", 2, 4, 0),  # one int32 task id per example
-        ("tokens", 3, 0, 1),  # the padding mask, one bool per token
+        ("tokens", False, 0, 0),  # the tokens alone
+        ("task_tokens", False, 4, 0),  # one int32 task id per example
+        ("tokens", True, 0, 1),  # the padding mask, one bool per token
     ],
     ids=("tokens", "task-ids", "mask"),
 )
-def test_ring_hlo_gathers_the_tokens_not_their_choices(routing, inputs, per_example, per_token):
+def test_ring_hlo_gathers_the_tokens_not_their_choices(routing, with_mask, per_example, per_token):
     x, task_ids, mask = _inputs()
     text = _forward_hlo(
         _moe(routing, None, exchange="ring"),
-        (x, task_ids if inputs == 2 else None),
+        (x, task_ids if routing != "tokens" else None),
         (2, 4),
-        mask=mask if inputs == 3 else None,
+        mask=mask if with_mask else None,
     )
     counts = hlo.collective_counts(text)
     assert counts["all-to-all"] == 0, hlo.collective_lines(text, "all-to-all")

@@ -242,12 +242,11 @@ class MoE(nnx.Module, TracksUsage):
         valid = inputs["mask"].reshape(groups.shape[:2]) if "mask" in inputs else None  # [G, S]
         noise = inputs["noise"].reshape(*groups.shape[:2], -1) if "noise" in inputs else None
 
-        logits = self.router(groups, group_tasks, noise=noise)  # [G, S, router_width] f32
-        probs = jax.nn.softmax(logits, axis=-1)
-        logits, probs = held_columns(self.kept_experts, logits, probs)  # [G, S, E]
+        logits, probs = self.route(groups, group_tasks, noise)  # [G, S, E] f32 each
         routing_plan = self.make_plan(probs, deterministic, valid, exchange=exchange)
         rerouting = None
-        if noise is None and x.dtype == self.dtype:  # the ring sees what the router saw
+        ring = exchange.moves_rows and exchange.kind == "ring"
+        if ring and noise is None and x.dtype == self.dtype:  # it sees what the router saw
             rerouting = sharded_dropless.Rerouting(
                 self.choose_experts,
                 inputs.get("task_ids") if self.kind.needs_tasks else None,
@@ -305,6 +304,15 @@ class MoE(nnx.Module, TracksUsage):
             valid=valid,
         )
 
+    def route(
+        self, groups: jax.Array, tasks: jax.Array | None, noise: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """groups [G, S, D], tasks [G, S] or None, noise [G, S, router_width] or None ->
+        (logits, probs) [G, S, E] float32: the softmax over every router column, then the
+        columns of the experts held here."""
+        logits = self.router(groups, tasks, noise=noise)  # [G, S, router_width]
+        return held_columns(self.kept_experts, logits, jax.nn.softmax(logits, axis=-1))
+
     def choose_experts(
         self, tokens: jax.Array, token_tasks: jax.Array | None, valid: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
@@ -312,9 +320,7 @@ class MoE(nnx.Module, TracksUsage):
         token_tasks [M] or None, valid [M] or None -> (experts [M, K] int32, E where a
         token is padding; gates [M, K] float32)."""
         tasks = None if token_tasks is None else token_tasks[None]
-        logits = self.router(tokens[None], tasks)  # [1, M, router_width]
-        probs = jax.nn.softmax(logits, axis=-1)
-        _, probs = held_columns(self.kept_experts, logits, probs)  # [1, M, E]
+        _, probs = self.route(tokens[None], tasks)  # [1, M, E]
         experts, gates = plan.top_k_choices(
             probs,
             self.top_k,
