@@ -9,7 +9,7 @@ CONFIG ?= configs/default.py
 ARGS ?=
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install train test test-slow bench reproduce lint clean
+.PHONY: install train test test-slow test-experiments bench reproduce lint clean
 
 install: $(VENV)/.installed
 
@@ -25,9 +25,13 @@ train: install
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-# The long experiments and routing-variant trainings; CI runs them after `make test`.
+# The routing-variant trainings, notebooks and long fault tests; CI runs them after
+# `make test`. The whole-experiment runs are left to test-experiments (tens of minutes).
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m "slow and not experiment" tests
+
+test-experiments: install
+	$(PY) -m pytest -q -m experiment tests
 
 bench: install
 	mkdir -p $(BENCH_OUT)

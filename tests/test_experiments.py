@@ -135,6 +135,7 @@ def test_one_report_shows_one_scale(tmp_path):
 
 
 @pytest.mark.slow  # ~15 min: every claim at the quick scale (one seed, 100-step runs)
+@pytest.mark.experiment  # make test-experiments; CI's make test-slow leaves it out
 @pytest.mark.timeout(1800)  # the suite's 600 s default is for single tests, not this run
 def test_quick_scale_measures_every_claim(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}

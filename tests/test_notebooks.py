@@ -50,6 +50,7 @@ def test_notebook_runs(path, tmp_path):
     client = NotebookClient(
         notebook,
         timeout=600,
+        startup_timeout=300,  # a busy machine starts a kernel slowly; 60 s is the default
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     )
