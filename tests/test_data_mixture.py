@@ -163,6 +163,56 @@ def test_processes_get_disjoint_shards_and_their_slice_of_the_global_batch(mix):
     )
 
 
+@pytest.fixture(scope="module")
+def global_mix(data_dir):  # noqa: F811
+    return data.Mixture(
+        TASKS, rate="explicit", image_size=8, patch_size=4, data_dir=data_dir, order="global"
+    )
+
+
+def test_global_order_gives_every_process_count_the_same_global_batches(global_mix, data_dir):  # noqa: F811
+    steps = 14
+    one = _take(global_mix.iterator("train", batch_size=24, seed=2, **SINGLE), steps)
+    for count in (2, 3):
+        parts = [
+            global_mix.iterator(
+                "train", batch_size=24, seed=2, process_index=p, process_count=count
+            )
+            for p in range(count)
+        ]
+        joined = [_concat([next(part) for part in parts]) for _ in range(steps)]
+        _assert_equal_batches(joined, one)
+    # The slots choose their tasks by the same hash as the process-sharded order.
+    sharded = _take(
+        data.Mixture(TASKS, image_size=8, patch_size=4, data_dir=data_dir)
+        .iterator("train", batch_size=24, seed=2, **SINGLE),
+        steps,
+    )  # fmt: skip
+    np.testing.assert_array_equal(_concat(one)["task_id"], _concat(sharded)["task_id"])
+    # Resuming at step 5 on 3 processes: process 1 gets its rows of the same batches.
+    resumed = global_mix.iterator(
+        "train", batch_size=24, seed=2, start_step=5, process_index=1, process_count=3
+    )
+    _assert_equal_batches(
+        _take(resumed, steps - 5), [{k: v[8:16] for k, v in b.items()} for b in one[5:]]
+    )
+
+
+def test_global_order_epochs_are_shuffles_and_the_split_must_fit(global_mix, data_dir):  # noqa: F811
+    batches = _concat(_take(global_mix.iterator("train", batch_size=32, seed=0, **SINGLE), 40))
+    lowres = batches["inputs"][batches["task_id"] == 1][:150]  # 3 epochs of the 50 examples
+    reference, _ = _reference("digits/lowres", "train")
+    epochs = [match_rows(lowres[i : i + 50], reference) for i in (0, 50, 100)]
+    for order in epochs:
+        assert sorted(order) == list(range(50))
+    assert epochs[0].tolist() != epochs[1].tolist() != epochs[2].tolist()
+    small = data.Mixture({"wine": 1.0}, data_dir=data_dir, order="global", cache_bytes=1000)
+    with pytest.raises(ValueError, match="task 'wine' needs .* bytes > cache_bytes=1000"):
+        small.iterator("train", batch_size=8, **SINGLE)
+    with pytest.raises(ValueError, match="order='shuffled' is not one of"):
+        data.Mixture({"wine": 1.0}, data_dir=data_dir, order="shuffled")
+
+
 @pytest.mark.parametrize("process_count, batch_size", [(1, 64), (3, 48)])
 def test_eval_covers_every_example_exactly_once(mix, process_count, batch_size):
     local = batch_size // process_count

@@ -20,6 +20,10 @@ iterator. There is no iterator state to checkpoint: (seed, N) is the state. (tf.
 shuffle also folds in TensorFlow's global seed: a program that calls tf.random.set_seed
 must do so the same way when it resumes.)
 
+With order="global" (global_order.py) every process holds every task's split in memory
+and takes its rows of one global example order instead: the batches of a step are the
+same for any process count.
+
 Eval: each process reads its shard of each task's split in stored order, pads the last
 batch (valid=False, inputs 0, mask of a real example of the task so no row is all-masked)
 and adds all-padding batches so that every process yields ceil(ceil(n / count) / K)
@@ -35,10 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from multitask_moe.data import global_order
 from multitask_moe.data import rates as rates_lib
 from multitask_moe.data import tasks as tasks_lib
 
 _FOREVER = 2**62
+ORDERS = ("process", "global")
 
 
 def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -107,6 +113,10 @@ class Mixture:
         extracted for one of its tasks was trained on; (0, 0) = the tasks' own.
       train_examples: {name: N}: those tasks train on N examples of their train split
         (`Task.limited`: the same N for the same `subset_seed`).
+      order: "process": each process streams and shuffles its own shard of every task
+        (any dataset size; the batches depend on the process count). "global": one
+        example order for any process count (each process holds every task's training
+        split in memory, which must fit in `cache_bytes`).
 
     Attributes:
       tasks: list[Task] in task-id order.
@@ -130,8 +140,12 @@ class Mixture:
         min_token_shape: tuple[int, int] = (0, 0),
         train_examples: Mapping[str, int] | None = None,
         subset_seed: int = 0,
+        order: str = "process",
     ):
         names, weights = _parse_weights(tasks)
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not one of {ORDERS}.")
+        self.order = order
         train_examples = dict(train_examples or {})
         unknown = sorted(set(train_examples) - set(names))
         if unknown:
@@ -167,6 +181,7 @@ class Mixture:
         self._examples_cache: dict[tuple[int, str, int, int], tuple[Any, int]] = {}
         self._eval_cache: dict[tuple[int, str, int, int, int, int], Any] = {}
         self._split_sizes: dict[tuple[int, str], int] = {}
+        self._in_memory: dict[tuple[int, str], dict[str, np.ndarray]] = {}
 
     def _examples(self, task_id: int, split: str, process: tuple[int, int]) -> tuple[Any, int]:
         """(tf.data.Dataset of padded examples of this process's shard, its size)."""
@@ -220,8 +235,10 @@ class Mixture:
         start_step = _check_int("start_step", start_step, 0)
         for task in self.tasks:
             task.tfds_split(split)
-        slots = np.arange(process[0] * local, (process[0] + 1) * local)  # global slot ids [K]
         choices = rates_lib.TaskChoices(self.rates, rates_lib.stream_key(seed, split), batch_size)
+        if self.order == "global":
+            return self._global_dataset(split, choices, batch_size, seed, start_step, process)
+        slots = np.arange(process[0] * local, (process[0] + 1) * local)  # global slot ids [K]
         consumed = choices.counts_before(start_step, slots)  # [T]
         active = np.flatnonzero(self.rates > 0)
         stream_of_task = np.full(len(self.tasks), -1, np.int64)
@@ -244,6 +261,62 @@ class Mixture:
         )
         mixed = tf.data.Dataset.choose_from_datasets(streams, choice_stream)
         return mixed.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def _global_dataset(
+        self,
+        split: str,
+        choices: rates_lib.TaskChoices,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        process: tuple[int, int],
+    ) -> Any:
+        """order="global": this process's rows of the process-independent batches."""
+        import tensorflow as tf
+
+        examples = {
+            int(t): self._task_in_memory(int(t), split, seed) for t in np.flatnonzero(self.rates)
+        }
+        stream = global_order.Stream(
+            examples,
+            choices,
+            batch_size=batch_size,
+            start_step=start_step,
+            process=process,
+            num_tasks=len(self.tasks),
+        )
+        local = batch_size // process[1]
+        length, width = self.token_shape
+        shapes = {"inputs": [local, length, width], "mask": [local, length]}
+        types = {"inputs": tf.float32, "mask": tf.bool, "label": tf.int32, "task_id": tf.int32}
+
+        def rows(step):
+            arrays = tf.numpy_function(stream.batch, [step], [types[n] for n in stream.names])
+            return {
+                name: tf.ensure_shape(array, shapes.get(name, [local]))
+                for name, array in zip(stream.names, arrays, strict=True)
+            }
+
+        # map without parallel calls: the stream is asked for its steps in order.
+        return tf.data.Dataset.range(start_step, _FOREVER).map(rows).prefetch(tf.data.AUTOTUNE)
+
+    def _task_in_memory(self, task_id: int, split: str, seed: int) -> global_order.TaskExamples:
+        """Task `task_id`'s whole split in memory (order="global"; at most cache_bytes)."""
+        key = (task_id, split)
+        if key not in self._in_memory:
+            examples, size = self._examples(task_id, split, (0, 1))
+            if size == 0:
+                raise ValueError(f"Task {self.tasks[task_id].name!r} has no {split!r} examples.")
+            length, width = self.token_shape
+            if size * length * width * 4 > self.cache_bytes:
+                raise ValueError(
+                    f"order='global' holds every task's split in memory: task "
+                    f"{self.tasks[task_id].name!r} needs {size * length * width * 4} bytes > "
+                    f"cache_bytes={self.cache_bytes} (raise cache_bytes or use order='process')."
+                )
+            (self._in_memory[key],) = examples.batch(size).take(1).as_numpy_iterator()
+        stream = rates_lib.stream_key(seed, split, "global", task_id)
+        return global_order.TaskExamples(self._in_memory[key], stream)
 
     def _task_stream(
         self, task_id: int, split: str, process: tuple[int, int], seed: int, consumed: int

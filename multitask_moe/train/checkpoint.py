@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -207,15 +209,23 @@ class Checkpoints:
         A step that does not restore is moved aside (`warn` gets one line naming it and
         where it went) and the one before is tried. CheckpointShapeError propagates.
         """
+        _FailedReadLeftovers.install()
         for step in sorted(self.manager.all_steps(), reverse=True):
             self.check_shapes(step, abstract_state)
+            _FailedReadLeftovers.active = True
             try:
                 state, progress = self.restore(step, abstract_state)
+                reason, _FailedReadLeftovers.active = None, False
             except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
+                reason = _one_line(error)
+            # Each process reads its own shards: one may fail where the others succeed,
+            # and all must then give the step up together (or they resume apart).
+            if not _on_every_process(reason is None):
                 moved = self.move_aside(step)
                 warn(
                     f"checkpoint step {step} in {self.directory} is unreadable "
-                    f"({_one_line(error)}); moved it to {moved}; trying the previous step"
+                    f"({reason or 'on another process'}); moved it to {moved}; trying the "
+                    "previous step"
                 )
                 continue
             return step, state, progress
@@ -264,6 +274,49 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+class _FailedReadLeftovers:
+    """Silences what the reads of a failed restore leave behind, and nothing else.
+
+    When one array of a step fails to read, Orbax's restore raises and closes its asyncio
+    loop while tensorstore still completes its other reads: each completion fails to reach
+    the closed loop ("Event loop is closed") and each sibling read coroutine dies with its
+    own error, and Python prints every one as an unraisable traceback, dozens after our
+    one-line warning. While a restore is tried, and after one failed, this hook drops the
+    unraisable errors raised in Orbax's code or by the closed loop; others pass through.
+    """
+
+    active = False
+
+    @classmethod
+    def install(cls) -> None:
+        previous = sys.unraisablehook
+        if getattr(previous, "drops_failed_read_leftovers", False):
+            return
+
+        def hook(unraisable) -> None:
+            if not (cls.active and _from_a_failed_read(unraisable.exc_value)):
+                previous(unraisable)
+
+        hook.drops_failed_read_leftovers = True
+        sys.unraisablehook = hook
+
+
+def _from_a_failed_read(error: BaseException | None) -> bool:
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (one collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def tf_gfile():

@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.min_tokens = 0
     c.data.min_token_width = 0
 
+    # Example order: "process" (each process shuffles its own shard; any dataset size) or
+    # "global" (one order for any process count: every process holds every training split
+    # in memory; a run resumed on another number of processes sees the same batches).
+    c.data.order = "process"
+
     c.data.eval_split = "validation"  # periodic and final evaluation
     c.data.test_split = "test"  # evaluated once at the end; "" = skip
 

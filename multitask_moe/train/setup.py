@@ -378,6 +378,7 @@ def _mixture(
             min_token_shape=(config.data.min_tokens, config.data.min_token_width),
             train_examples=config_lib.parse_tasks(config.data.tasks)[1],
             subset_seed=config.seed,
+            order=config.data.order,
         )
     except (KeyError, ValueError, OSError) as error:
         raise ConfigError(f"data: {_one_line(error)}") from None
