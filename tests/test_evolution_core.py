@@ -3,6 +3,7 @@ parameter accounting and score, parent sampling frequencies, locks, mutations.""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -91,3 +92,54 @@ def test_mutations_step_one_rung_and_clone_what_they_must():
     cloned = np.mean([[a == ev.CLONE for _, a in row] for row in actions], axis=0)
     np.testing.assert_allclose(cloned[:2], 0.2, atol=0.03)  # locked: cloned with prob. mu
     assert cloned[2] == 1.0 and cloned[3] == 1.0  # trainable in the parent; final norm
+
+
+class _CountingSteps:
+    """Fake child steps: w counts the steps; from step `limit` on the loss and w are NaN.
+    Validation accuracy is w / 100, so every validation before the NaN improves."""
+
+    @staticmethod
+    def _step(state):
+        w = state["w"] + 1
+        w = jnp.where(w >= state["limit"], jnp.nan, w)  # NaN stays NaN, as in a model
+        return {"w": w, "limit": state["limit"]}, jnp.where(jnp.isnan(w), jnp.nan, 0.5)
+
+    def train_step(self, state, opt_state, batch, trainable):
+        state, loss = self._step(state)
+        return state, opt_state, loss.squeeze()
+
+    def train_steps(self, state, opt_state, batch, trainable):  # [g, 1] leaves
+        state, loss = self._step(state)
+        return state, opt_state, loss[:, 0]
+
+    def eval_steps(self, state, batch):
+        w = jnp.nan_to_num(state["w"][:, 0])
+        return w, jnp.full_like(w, 100.0), None
+
+
+def test_a_diverging_child_keeps_its_best_point_before_and_names_the_step():
+    from multitask_moe.evolution import child as child_lib
+
+    steps = _CountingSteps()
+    zeros = np.zeros(1, np.float32)
+    batches = iter(lambda: {"x": zeros}, None)
+    # Alone: validations at steps 3 and 6; the loss is NaN from step 5.
+    state = {"w": zeros, "limit": np.full(1, 5.0, np.float32)}
+    alone = child_lib.train(
+        steps, state, (), {}, batches,
+        lambda s: float(s["w"][0]) / 100, num_steps=6, validations=2,
+    )  # fmt: skip
+    assert alone.diverged_at == 5 and alone.quality == pytest.approx(0.03)
+    assert np.isfinite(alone.state["w"]).all() and alone.state["w"][0] == 3
+    # Together (one per device), validations at 2, 4, 6, 8: the first diverges at 3.
+    states = [
+        {"w": zeros, "limit": np.full(1, 3.0, np.float32)},
+        {"w": zeros, "limit": np.full(1, 99.0, np.float32)},
+    ]
+    results = child_lib.train_together(
+        steps, states, [(), ()], [{}, {}], [batches, batches],
+        lambda: iter([{"x": zeros}]), num_steps=8, validations=4,
+    )  # fmt: skip
+    assert [r.diverged_at for r in results] == [3, None]
+    assert [r.quality for r in results] == pytest.approx([0.02, 0.08])
+    assert np.asarray(results[0].state["w"]).tolist() == [2.0]

@@ -170,6 +170,15 @@ class Trained:
     opt_state: object
     quality: float  # best validation accuracy
     losses: list[float]
+    # The first step (1-based) whose loss was not finite; the parameters kept are those of
+    # the best validation before it, so no NaN ever enters the component pool.
+    diverged_at: int | None = None
+
+
+def first_nonfinite_step(losses: list[float]) -> int | None:
+    """1-based index of the first non-finite loss, or None."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(losses, np.float64)))
+    return int(bad[0]) + 1 if bad.size else None
 
 
 def train(
@@ -184,7 +193,8 @@ def train(
     validations: int,
 ) -> Trained:
     """`num_steps` steps; validates `validations` times (evenly, the last at the end) and
-    keeps the best point. A non-finite loss ends the child with quality 0."""
+    keeps the best point. A non-finite loss ends the child: it keeps its best point before
+    (quality 0 if it never validated), as a child of `train_together` does."""
     every = max(num_steps // max(validations, 1), 1)
     best = Trained(state, opt_state, -1.0, [])
     losses = []
@@ -192,8 +202,13 @@ def train(
         state, opt_state, loss = steps.train_step(state, opt_state, next(batches), trainable)
         losses.append(loss)
         if step % every == 0 or step == num_steps:
-            if not np.isfinite(float(loss)):
-                return Trained(best.state, best.opt_state, 0.0, [float(v) for v in losses])
+            # Every loss since the last validation (one transfer per validation).
+            if not np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all():
+                history = [float(v) for v in losses]
+                quality = max(best.quality, 0.0)
+                return Trained(
+                    best.state, best.opt_state, quality, history, first_nonfinite_step(history)
+                )
             quality = validate(state)
             if quality > best.quality:
                 best = Trained(state, opt_state, quality, [])
@@ -237,7 +252,7 @@ def train_together(
         state, opt_state, loss = steps.train_steps(state, opt_state, batch, trainable)
         losses.append(loss)
         if step % every == 0 or step == num_steps:
-            failed |= ~np.isfinite(np.asarray(loss))
+            failed |= ~np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all(axis=0)
             correct, total = np.zeros(count), np.zeros(count)
             for eval_batch in validation():
                 c, n, _ = steps.eval_steps(state, eval_batch)
@@ -255,6 +270,7 @@ def train_together(
             jax.tree.map(lambda x, c=c: x[c], best_opt),
             float(max(best[c], 0.0)),
             history[:, c].tolist(),
+            first_nonfinite_step(history[:, c].tolist()),
         )
         for c in range(count)
     ]

@@ -17,6 +17,7 @@ never change, so the earlier tasks' predictions stay bit-identical.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 
@@ -30,6 +31,8 @@ from multitask_moe.evolution import child as child_lib
 from multitask_moe.evolution import mutation, path_model, sampling
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path, accounted_params, check_size_scale, score
+
+logger = logging.getLogger(__name__)
 
 ROOT_TASK = "root"
 # Ordered ladders of the mutable hyperparameters (one rung per mutation).
@@ -286,15 +289,18 @@ class System:
         self._store(child_id, result)
         return result.quality
 
-    def train_children(self, children: list[tuple[int, Mapping[str, bool]]]) -> list[float]:
+    def train_children(
+        self, children: list[tuple[int, Mapping[str, bool]]]
+    ) -> list[tuple[float, int | None]]:
         """Trains a generation's children: those of one architecture together, one per
-        device (child.train_together); returns their qualities in order."""
+        device (child.train_together); returns (quality, step its loss turned non-finite
+        or None) of each, in order."""
         groups: dict[path_model.Architecture, list[int]] = {}
         for index, (child_id, _) in enumerate(children):
             groups.setdefault(self.arch[child_id], []).append(index)
         devices = len(jax.devices())
         prepared = [self._prepare(child_id, trainable) for child_id, trainable in children]
-        qualities = [0.0] * len(children)
+        outcomes: list[tuple[float, int | None]] = [(0.0, None)] * len(children)
         for arch, members in groups.items():
             steps = self.steps_for(arch)
             for start in range(0, len(members), devices):
@@ -308,8 +314,8 @@ class System:
                 )
                 for index, result in zip(chunk, results, strict=True):
                     self._store(children[index][0], result)
-                    qualities[index] = result.quality
-        return qualities
+                    outcomes[index] = (result.quality, result.diverged_at)
+        return outcomes
 
     def _inherit_opt_state(self, opt_state, path: Path, arch):
         """Moment estimates of cloned components (mu2Net: a clone keeps its optimizer state)."""
@@ -372,11 +378,17 @@ class System:
             parent.children += 1
             child_id, trainable = self.mutate(parent.id, task)
             planned.append((parent, child_id, trainable))
-        qualities = self.train_children([(child_id, tr) for _, child_id, tr in planned])
+        outcomes = self.train_children([(child_id, tr) for _, child_id, tr in planned])
         children = []
-        for (parent, child_id, _), quality in zip(planned, qualities, strict=True):
+        for (parent, child_id, _), (quality, diverged_at) in zip(planned, outcomes, strict=True):
             child = self.paths[child_id]
             child.quality = quality
+            if diverged_at is not None:
+                logger.warning(
+                    "task %s, generation %d: the loss of child path %d is not finite from "
+                    "step %d on; it keeps its best point before that (quality %.3f)",
+                    task, progress["generation"], child_id, diverged_at, quality,
+                )  # fmt: skip
             params = accounted_params(child.components, self.pool, task)
             child.score = score(child.quality, params, self.root_params, settings.size_scale)
             accepted = parent.task != task or child.score >= (parent.score or 0.0)
@@ -392,6 +404,7 @@ class System:
                     "score": child.score,
                     "accounted_params": params,
                     "accepted": accepted,
+                    "diverged_at_step": diverged_at,
                 }
             )
         record = {
