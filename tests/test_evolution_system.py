@@ -194,3 +194,35 @@ def test_sigkill_mid_generation_resumes_to_the_same_system(tmp_path):
     for task in b["per_task"].values():
         assert task["test_accuracy_now"] == task["test_accuracy_when_added"]
     assert (workdir / "system.png").exists()
+
+
+def test_the_tpu_config_builds_its_system_and_traces_a_generation_of_eight_children():
+    """configs/evolve.py:tpu: the larger root (d_model 256, 6 blocks, 8 experts) over the
+    six tasks at 32 x 32 images, and one generation's 8 children stacked one per chip of
+    an 8-chip host traced through their shared train step (shapes only, nothing run)."""
+    import jax
+
+    config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve", "tpu")
+    settings = settings_from_config(config)
+    settings.check()
+    assert (settings.children, settings.generations, settings.steps) == (8, 8, 1000)
+    system = System(settings)
+    assert system.token_shape == (64, 16)  # (32 / 4)^2 patches of 4 x 4 grey digits
+    root = system.paths[system.root]
+    assert len(root.components) == 2 + 6 + 2  # stem, positions, 6 blocks, final norm, head
+    assert 5e6 < system.root_params < 20e6, system.root_params
+    child, trainable = system.mutate(system.root, settings.tasks[0])  # a first child
+    state, opt_state, mask, batches = system._prepare(child, trainable)
+    steps = system.steps_for(system.arch[child])
+
+    def eight(tree):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((8, *np.shape(x)), np.asarray(x).dtype), tree
+        )
+
+    batch = next(batches)
+    assert batch["inputs"].shape == (settings.batch_size, 64, 16)
+    _, _, loss = jax.eval_shape(
+        steps.train_steps, eight(state), eight(opt_state), eight(batch), eight(mask)
+    )
+    assert loss.shape == (8,)
