@@ -29,6 +29,7 @@ BAD_CONFIGS = {
     "all weights zero": ({"data.tasks": "iris=0"}, "at least one weight must be > 0"),
     "example limit not an int": ({"data.tasks": "iris=1@x"}, "the example limit 'x' after @"),
     "mixing rate": ({"data.rate": "bogus"}, "rate='bogus' is not one of"),
+    "example order": ({"data.order": "shuffled"}, "order='shuffled' is not one of"),
     "patch vs image size": ({"data.patch_size": 3}, "patch_size=3 must divide image_size=8"),
     "dataset not prepared in data_dir": (
         {"data.data_dir": "/nonexistent/dir", "data.tasks": "mnist=1"},

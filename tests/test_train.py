@@ -206,6 +206,9 @@ def test_resume_refuses_other_data_settings(reference, tmp_path):
     shutil.copytree(workdir / "checkpoints" / str(HALF), tmp_path / "checkpoints" / str(HALF))
     with pytest.raises(ConfigError, match=r"other data settings \(seed: 0 -> 1\)"):
         train_and_evaluate(tiny_config(seed=1), str(tmp_path))
+    order = r"\(order: 'process' -> 'global', process_count: 1 -> 'any'\)"
+    with pytest.raises(ConfigError, match=order):
+        train_and_evaluate(tiny_config(**{"data.order": "global"}), str(tmp_path))
 
 
 @pytest.mark.slow  # restores onto two meshes (the suite's time budget)

@@ -225,6 +225,9 @@ def _data_settings(config: ml_collections.ConfigDict) -> dict:
         "min_token_shape": [data.min_tokens, data.min_token_width],
         "batch_size": config.batch_size,
         "seed": config.seed,
+        "order": data.order,
+        # The process order shards and shuffles per process: its batches hang on the count.
+        "process_count": jax.process_count() if data.order == "process" else "any",
     }
 
 
