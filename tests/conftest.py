@@ -28,6 +28,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # an experiment run is slow too: `-m "not slow"` leaves it out
+        if item.get_closest_marker("experiment"):
+            item.add_marker("slow")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

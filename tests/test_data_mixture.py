@@ -189,26 +189,42 @@ def test_global_order_gives_every_process_count_the_same_global_batches(global_m
         steps,
     )  # fmt: skip
     np.testing.assert_array_equal(_concat(one)["task_id"], _concat(sharded)["task_id"])
-    # Resuming at step 5 on 3 processes: process 1 gets its rows of the same batches.
-    resumed = global_mix.iterator(
-        "train", batch_size=24, seed=2, start_step=5, process_index=1, process_count=3
-    )
-    _assert_equal_batches(
-        _take(resumed, steps - 5), [{k: v[8:16] for k, v in b.items()} for b in one[5:]]
-    )
+    # Resuming on 3 processes inside lowres's first epoch (step 5) and past it (step 11,
+    # ~66 of its examples taken): process 1 gets its rows of the same batches.
+    for start in (5, 11):
+        resumed = global_mix.iterator(
+            "train", batch_size=24, seed=2, start_step=start, process_index=1, process_count=3
+        )
+        _assert_equal_batches(
+            _take(resumed, steps - start),
+            [{k: v[8:16] for k, v in b.items()} for b in one[start:]],
+        )
+    # Two passes over one dataset, and two iterators of it at once, see the same batches.
+    dataset = global_mix.dataset("train", batch_size=24, seed=2, **SINGLE)
+    first, second = dataset.as_numpy_iterator(), dataset.as_numpy_iterator()
+    _assert_equal_batches(_take(first, 3), one[:3])
+    _assert_equal_batches(_take(second, 4), one[:4])
+    _assert_equal_batches(_take(first, 3), one[3:6])
 
 
 def test_global_order_epochs_are_shuffles_and_the_split_must_fit(global_mix, data_dir):  # noqa: F811
     batches = _concat(_take(global_mix.iterator("train", batch_size=32, seed=0, **SINGLE), 40))
     lowres = batches["inputs"][batches["task_id"] == 1][:150]  # 3 epochs of the 50 examples
-    reference, _ = _reference("digits/lowres", "train")
-    epochs = [match_rows(lowres[i : i + 50], reference) for i in (0, 50, 100)]
+    labels = batches["label"][batches["task_id"] == 1][:150]
+    reference, reference_labels = _reference("digits/lowres", "train")
+    epochs = [
+        match_rows(
+            _with_labels(lowres[i : i + 50], labels[i : i + 50]),
+            _with_labels(reference, reference_labels),
+        )
+        for i in (0, 50, 100)
+    ]
     for order in epochs:
-        assert sorted(order) == list(range(50))
-    assert epochs[0].tolist() != epochs[1].tolist() != epochs[2].tolist()
-    small = data.Mixture({"wine": 1.0}, data_dir=data_dir, order="global", cache_bytes=1000)
+        assert sorted(order) == list(range(50))  # each example once, with its label
+    orders = {tuple(order.tolist()) for order in epochs}
+    assert len(orders) == 3  # every epoch reshuffled
     with pytest.raises(ValueError, match="task 'wine' needs .* bytes > cache_bytes=1000"):
-        small.iterator("train", batch_size=8, **SINGLE)
+        data.Mixture({"wine": 1.0}, data_dir=data_dir, order="global", cache_bytes=1000)
     with pytest.raises(ValueError, match="order='shuffled' is not one of"):
         data.Mixture({"wine": 1.0}, data_dir=data_dir, order="shuffled")
 

@@ -95,14 +95,20 @@ def test_mutations_step_one_rung_and_clone_what_they_must():
 
 
 class _CountingSteps:
-    """Fake child steps: w counts the steps; from step `limit` on the loss and w are NaN.
-    Validation accuracy is w / 100, so every validation before the NaN improves."""
+    """Fake child steps: w counts the steps. From step `limit` on w and the loss are NaN
+    (a blow-up); at step `spike` alone the loss is NaN (w goes on); from step `poison` on
+    w is NaN and the loss still finite (non-finite gradients, a finite loss before them).
+    Validation accuracy is w / 100, so every validation before a failure improves."""
 
     @staticmethod
     def _step(state):
         w = state["w"] + 1
-        w = jnp.where(w >= state["limit"], jnp.nan, w)  # NaN stays NaN, as in a model
-        return {"w": w, "limit": state["limit"]}, jnp.where(jnp.isnan(w), jnp.nan, 0.5)
+        w = jnp.where((w >= state["limit"]) | (w >= state["poison"]), jnp.nan, w)
+        loss = jnp.where(
+            (w >= state["limit"]) | jnp.isnan(w) & (state["poison"] > 90), jnp.nan, 0.5
+        )
+        loss = jnp.where(state["w"] + 1 == state["spike"], jnp.nan, loss)
+        return {**state, "w": w}, loss
 
     def train_step(self, state, opt_state, batch, trainable):
         state, loss = self._step(state)
@@ -117,29 +123,40 @@ class _CountingSteps:
         return w, jnp.full_like(w, 100.0), None
 
 
+def _fake_child(limit=99.0, spike=99.0, poison=99.0):
+    def full(value):
+        return np.full(1, value, np.float32)
+
+    return {"w": full(0.0), "limit": full(limit), "spike": full(spike), "poison": full(poison)}
+
+
 def test_a_diverging_child_keeps_its_best_point_before_and_names_the_step():
     from multitask_moe.evolution import child as child_lib
 
     steps = _CountingSteps()
     zeros = np.zeros(1, np.float32)
     batches = iter(lambda: {"x": zeros}, None)
-    # Alone: validations at steps 3 and 6; the loss is NaN from step 5.
-    state = {"w": zeros, "limit": np.full(1, 5.0, np.float32)}
-    alone = child_lib.train(
-        steps, state, (), {}, batches,
-        lambda s: float(s["w"][0]) / 100, num_steps=6, validations=2,
-    )  # fmt: skip
-    assert alone.diverged_at == 5 and alone.quality == pytest.approx(0.03)
-    assert np.isfinite(alone.state["w"]).all() and alone.state["w"][0] == 3
-    # Together (one per device), validations at 2, 4, 6, 8: the first diverges at 3.
-    states = [
-        {"w": zeros, "limit": np.full(1, 3.0, np.float32)},
-        {"w": zeros, "limit": np.full(1, 99.0, np.float32)},
-    ]
+
+    def alone(**fake):  # validations at steps 3 and 6
+        return child_lib.train(
+            steps, _fake_child(**fake), (), {}, batches,
+            lambda s: float(np.nan_to_num(s["w"][0])) / 100, num_steps=6, validations=2,
+        )  # fmt: skip
+
+    blown = alone(limit=5.0)  # loss and w NaN from step 5
+    assert blown.diverged_at == 5 and blown.quality == pytest.approx(0.03)
+    assert blown.state["w"][0] == 3
+    spike = alone(spike=2.0)  # the loss of step 2 alone, between validations
+    assert spike.diverged_at == 2 and spike.quality == 0.0 and spike.state["w"][0] == 0
+    poisoned = alone(poison=4.0)  # w NaN from step 4, every loss finite
+    assert poisoned.diverged_at == 6 and poisoned.quality == pytest.approx(0.03)
+    assert poisoned.state["w"][0] == 3
+    # Together (one per device), validations at 2, 4, 6, 8.
+    fakes = [_fake_child(limit=3.0), _fake_child(), _fake_child(poison=5.0)]
     results = child_lib.train_together(
-        steps, states, [(), ()], [{}, {}], [batches, batches],
+        steps, fakes, [()] * 3, [{}] * 3, [batches] * 3,
         lambda: iter([{"x": zeros}]), num_steps=8, validations=4,
     )  # fmt: skip
-    assert [r.diverged_at for r in results] == [3, None]
-    assert [r.quality for r in results] == pytest.approx([0.02, 0.08])
-    assert np.asarray(results[0].state["w"]).tolist() == [2.0]
+    assert [r.diverged_at for r in results] == [3, None, 6]
+    assert [r.quality for r in results] == pytest.approx([0.02, 0.08, 0.04])
+    assert [float(r.state["w"][0]) for r in results] == [2.0, 8.0, 4.0]

@@ -199,7 +199,8 @@ def test_sigkill_mid_generation_resumes_to_the_same_system(tmp_path):
 def test_the_tpu_config_builds_its_system_and_traces_a_generation_of_eight_children():
     """configs/evolve.py:tpu: the larger root (d_model 256, 6 blocks, 8 experts) over the
     six tasks at 32 x 32 images, and one generation's 8 children stacked one per chip of
-    an 8-chip host traced through their shared train step (shapes only, nothing run)."""
+    an 8-chip host traced through their shared train step (shapes only: the root is built
+    and a batch read, no step runs)."""
     import jax
 
     config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve", "tpu")
@@ -217,7 +218,7 @@ def test_the_tpu_config_builds_its_system_and_traces_a_generation_of_eight_child
 
     def eight(tree):
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((8, *np.shape(x)), np.asarray(x).dtype), tree
+            lambda x: jax.ShapeDtypeStruct((8, *np.shape(x)), jax.numpy.result_type(x)), tree
         )
 
     batch = next(batches)

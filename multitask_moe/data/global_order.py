@@ -19,6 +19,7 @@ choices of steps [0, N) to count the positions, as the sharded stream does.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,7 +35,7 @@ class TaskExamples:
       key: stream key of (seed, split, task).
     """
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], key: int):
+    def __init__(self, arrays: Mapping[str, np.ndarray], key: int) -> None:
         self.arrays = dict(arrays)
         self.size = len(self.arrays["label"])
         self._key = key
@@ -62,9 +63,9 @@ class TaskExamples:
 class Stream:
     """This process's K rows of the global batches, step after step from `start_step`.
 
-    `examples` holds the tasks that are ever chosen (rate > 0), by task id. Steps must be
-    asked for in order: the positions of a step follow from those of the step before
-    (asking for `start_step` again starts over, as a new pass over a tf.data.Dataset does).
+    `examples` holds the tasks that are ever chosen (rate > 0), by task id. The positions
+    of a step follow from those of the step before; a step asked for out of turn (a new
+    pass over the tf.data.Dataset, a second iterator) re-counts them from the choices.
     """
 
     def __init__(
@@ -76,30 +77,30 @@ class Stream:
         start_step: int,
         process: tuple[int, int],
         num_tasks: int,
-    ):
+    ) -> None:
         self._examples = examples
         self._choices = choices
         self._local = batch_size // process[1]
         self._slots = np.arange(batch_size)  # [B]
         self._mine = slice(process[0] * self._local, (process[0] + 1) * self._local)
         self._tasks = np.arange(num_tasks)
-        self._start = start_step
-        self._taken_at_start = choices.counts_before(start_step, self._slots)  # [T]
-        self._taken, self._next_step = self._taken_at_start.copy(), start_step
+        self._taken = choices.counts_before(start_step, self._slots)  # [T] positions used
+        self._next_step = start_step
+        self._lock = threading.Lock()  # tf.data may call from several threads
         self.names = list(next(iter(examples.values())).arrays)
 
     def batch(self, step: int) -> list[np.ndarray]:
         """The arrays (in `names` order) of this process's rows at `step`."""
-        if step == self._start:
-            self._taken, self._next_step = self._taken_at_start.copy(), step
-        if step != self._next_step:
-            raise RuntimeError(f"global order: step {step} asked for, expected {self._next_step}")
-        self._next_step += 1
+        step = int(step)
         tasks = self._choices.tasks(np.array([step]), self._slots)[0]  # [B]
         chosen = tasks[:, None] == self._tasks  # [B, T]
         before = np.cumsum(chosen, axis=0) - chosen  # [B, T] earlier slots of each task
-        positions = self._taken[tasks] + before[self._slots, tasks]  # [B]
-        self._taken += chosen.sum(axis=0)
+        with self._lock:
+            if step != self._next_step:
+                self._taken = self._choices.counts_before(step, self._slots)
+            positions = self._taken[tasks] + before[self._slots, tasks]  # [B]
+            self._taken = self._taken + chosen.sum(axis=0)
+            self._next_step = step + 1
         local_tasks, local_positions = tasks[self._mine], positions[self._mine]  # [K]
         first = self._examples[int(local_tasks[0])].arrays
         out = {n: np.empty((self._local, *first[n].shape[1:]), first[n].dtype) for n in first}

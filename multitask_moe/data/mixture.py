@@ -178,6 +178,10 @@ class Mixture:
             max(min_tokens, *(task.num_tokens(image_size, patch_size) for task in self.tasks)),
             max(min_width, *(task.token_dim(image_size, patch_size) for task in self.tasks)),
         )
+        if order == "global":  # refuse now what would not fit, before a model is built
+            for task_id, task in enumerate(self.tasks):
+                if self.rates[task_id] > 0:
+                    self._check_fits(task_id, task.num_examples("train"))
         self._examples_cache: dict[tuple[int, str, int, int], tuple[Any, int]] = {}
         self._eval_cache: dict[tuple[int, str, int, int, int, int], Any] = {}
         self._split_sizes: dict[tuple[int, str], int] = {}
@@ -297,7 +301,8 @@ class Mixture:
                 for name, array in zip(stream.names, arrays, strict=True)
             }
 
-        # map without parallel calls: the stream is asked for its steps in order.
+        # One call per step in order (the positions of a step continue the step before's);
+        # any other order is still exact (Stream re-counts), only slower.
         return tf.data.Dataset.range(start_step, _FOREVER).map(rows).prefetch(tf.data.AUTOTUNE)
 
     def _task_in_memory(self, task_id: int, split: str, seed: int) -> global_order.TaskExamples:
@@ -307,16 +312,23 @@ class Mixture:
             examples, size = self._examples(task_id, split, (0, 1))
             if size == 0:
                 raise ValueError(f"Task {self.tasks[task_id].name!r} has no {split!r} examples.")
-            length, width = self.token_shape
-            if size * length * width * 4 > self.cache_bytes:
-                raise ValueError(
-                    f"order='global' holds every task's split in memory: task "
-                    f"{self.tasks[task_id].name!r} needs {size * length * width * 4} bytes > "
-                    f"cache_bytes={self.cache_bytes} (raise cache_bytes or use order='process')."
-                )
-            (self._in_memory[key],) = examples.batch(size).take(1).as_numpy_iterator()
+            self._check_fits(task_id, size)
+            # One element read to the end, so that the .cache() under it completes.
+            element = examples.batch(size).get_single_element()
+            self._in_memory[key] = {name: value.numpy() for name, value in element.items()}
         stream = rates_lib.stream_key(seed, split, "global", task_id)
         return global_order.TaskExamples(self._in_memory[key], stream)
+
+    def _check_fits(self, task_id: int, size: int) -> None:
+        """order="global": a task's split of `size` examples must fit in cache_bytes."""
+        length, width = self.token_shape
+        needed = size * length * width * 4
+        if needed > self.cache_bytes:
+            raise ValueError(
+                f"order='global' holds each task's split in memory: task "
+                f"{self.tasks[task_id].name!r} needs {needed} bytes > cache_bytes="
+                f"{self.cache_bytes}; use order='process'."
+            )
 
     def _task_stream(
         self, task_id: int, split: str, process: tuple[int, int], seed: int, consumed: int

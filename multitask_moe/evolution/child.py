@@ -170,8 +170,9 @@ class Trained:
     opt_state: object
     quality: float  # best validation accuracy
     losses: list[float]
-    # The first step (1-based) whose loss was not finite; the parameters kept are those of
-    # the best validation before it, so no NaN ever enters the component pool.
+    # The first step (1-based) whose loss was not finite, or, if only the parameters
+    # turned non-finite, the validation that found them; the parameters kept are those
+    # of the best validation before, so no NaN ever enters the component pool.
     diverged_at: int | None = None
 
 
@@ -193,8 +194,8 @@ def train(
     validations: int,
 ) -> Trained:
     """`num_steps` steps; validates `validations` times (evenly, the last at the end) and
-    keeps the best point. A non-finite loss ends the child: it keeps its best point before
-    (quality 0 if it never validated), as a child of `train_together` does."""
+    keeps the best point. A non-finite loss or parameter ends the child: it keeps its best
+    point before (quality 0 if it never validated), as a child of `train_together` does."""
     every = max(num_steps // max(validations, 1), 1)
     best = Trained(state, opt_state, -1.0, [])
     losses = []
@@ -202,13 +203,14 @@ def train(
         state, opt_state, loss = steps.train_step(state, opt_state, next(batches), trainable)
         losses.append(loss)
         if step % every == 0 or step == num_steps:
-            # Every loss since the last validation (one transfer per validation).
-            if not np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all():
+            # Every loss since the last validation, and the parameters: an update from
+            # non-finite gradients spoils them while the loss it reports is still finite.
+            finite_losses = np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all()
+            if not (finite_losses and bool(_finite_rows(state, None))):
                 history = [float(v) for v in losses]
                 quality = max(best.quality, 0.0)
-                return Trained(
-                    best.state, best.opt_state, quality, history, first_nonfinite_step(history)
-                )
+                diverged = first_nonfinite_step(history) or step
+                return Trained(best.state, best.opt_state, quality, history, diverged)
             quality = validate(state)
             if quality > best.quality:
                 best = Trained(state, opt_state, quality, [])
@@ -246,13 +248,17 @@ def train_together(
     best_state, best_opt = state, opt_state
     best = np.full(count, -1.0)
     failed = np.zeros(count, bool)
+    diverged = np.zeros(count, np.int64)  # the validation step that first saw it (0: none)
     losses = []
     for step in range(1, num_steps + 1):
         batch = _stack([next(b) for b in batches], sharding)
         state, opt_state, loss = steps.train_steps(state, opt_state, batch, trainable)
         losses.append(loss)
         if step % every == 0 or step == num_steps:
-            failed |= ~np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all(axis=0)
+            finite = np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all(axis=0)
+            finite &= np.asarray(_finite_rows(state, count))
+            diverged = np.where(~finite & ~failed & (diverged == 0), step, diverged)
+            failed |= ~finite
             correct, total = np.zeros(count), np.zeros(count)
             for eval_batch in validation():
                 c, n, _ = steps.eval_steps(state, eval_batch)
@@ -270,7 +276,15 @@ def train_together(
             jax.tree.map(lambda x, c=c: x[c], best_opt),
             float(max(best[c], 0.0)),
             history[:, c].tolist(),
-            first_nonfinite_step(history[:, c].tolist()),
+            first_nonfinite_step(history[:, c].tolist()) or (int(diverged[c]) or None),
         )
         for c in range(count)
     ]
+
+
+def _finite_rows(state, count: int | None):
+    """Whether every leaf of the state is finite: a bool, or bool [count] per leading row."""
+    if count is None:
+        return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(state)]))
+    rows = [jnp.isfinite(x).reshape(count, -1).all(axis=1) for x in jax.tree.leaves(state)]
+    return jnp.stack(rows).all(axis=0)

@@ -287,6 +287,12 @@ class System:
             validations=self.settings.validations,
         )
         self._store(child_id, result)
+        if result.diverged_at is not None:
+            logger.warning(
+                "task %s: the loss or parameters of path %d are not finite from step %d on; "
+                "it keeps its best point before that (quality %.3f)",
+                self.paths[child_id].task, child_id, result.diverged_at, result.quality,
+            )  # fmt: skip
         return result.quality
 
     def train_children(
@@ -385,8 +391,8 @@ class System:
             child.quality = quality
             if diverged_at is not None:
                 logger.warning(
-                    "task %s, generation %d: the loss of child path %d is not finite from "
-                    "step %d on; it keeps its best point before that (quality %.3f)",
+                    "task %s, generation %d: the loss or parameters of child path %d are not "
+                    "finite from step %d on; it keeps its best point before that (quality %.3f)",
                     task, progress["generation"], child_id, diverged_at, quality,
                 )  # fmt: skip
             params = accounted_params(child.components, self.pool, task)

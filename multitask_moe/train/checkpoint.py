@@ -18,6 +18,7 @@ raises CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -209,26 +210,22 @@ class Checkpoints:
         A step that does not restore is moved aside (`warn` gets one line naming it and
         where it went) and the one before is tried. CheckpointShapeError propagates.
         """
-        _FailedReadLeftovers.install()
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            self.check_shapes(step, abstract_state)
-            _FailedReadLeftovers.active = True
-            try:
-                state, progress = self.restore(step, abstract_state)
-                reason, _FailedReadLeftovers.active = None, False
-            except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
-                reason = _one_line(error)
-            # Each process reads its own shards: one may fail where the others succeed,
-            # and all must then give the step up together (or they resume apart).
-            if not _on_every_process(reason is None):
-                moved = self.move_aside(step)
-                warn(
-                    f"checkpoint step {step} in {self.directory} is unreadable "
-                    f"({reason or 'on another process'}); moved it to {moved}; trying the "
-                    "previous step"
-                )
-                continue
-            return step, state, progress
+        # A read that fails on one process only (a shard no other process reads) is not
+        # handled: the others wait in Orbax's restore barrier for it.
+        with _QuietFailedReads() as quiet:
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                self.check_shapes(step, abstract_state)
+                try:
+                    state, progress = self.restore(step, abstract_state)
+                except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
+                    quiet.failed = True
+                    moved = self.move_aside(step)
+                    warn(
+                        f"checkpoint step {step} in {self.directory} is unreadable "
+                        f"({_one_line(error)}); moved it to {moved}; trying the previous step"
+                    )
+                    continue
+                return step, state, progress
         return None
 
     def move_aside(self, step: int) -> str:
@@ -276,47 +273,46 @@ class Checkpoints:
             self.manager.close()
 
 
-class _FailedReadLeftovers:
+class _QuietFailedReads:
     """Silences what the reads of a failed restore leave behind, and nothing else.
 
     When one array of a step fails to read, Orbax's restore raises and closes its asyncio
     loop while tensorstore still completes its other reads: each completion fails to reach
     the closed loop ("Event loop is closed") and each sibling read coroutine dies with its
     own error, and Python prints every one as an unraisable traceback, dozens after our
-    one-line warning. While a restore is tried, and after one failed, this hook drops the
-    unraisable errors raised in Orbax's code or by the closed loop; others pass through.
+    one-line warning. Inside the block the hook drops unraisable errors raised in Orbax's
+    code or by a closed loop, and the dead coroutines are collected before it ends. After
+    a failed read (`failed`), only the late closed-loop callbacks stay silenced.
     """
 
-    active = False
+    def __init__(self) -> None:
+        self.failed = False
+        self._previous = sys.unraisablehook
 
-    @classmethod
-    def install(cls) -> None:
-        previous = sys.unraisablehook
-        if getattr(previous, "drops_failed_read_leftovers", False):
-            return
+    def __enter__(self) -> _QuietFailedReads:
+        sys.unraisablehook = self._inside
+        return self
 
-        def hook(unraisable) -> None:
-            if not (cls.active and _from_a_failed_read(unraisable.exc_value)):
-                previous(unraisable)
+    def __exit__(self, *exc_info) -> None:
+        gc.collect()  # finalizes the failed reads' coroutines while `_inside` is the hook
+        sys.unraisablehook = self._after if self.failed else self._previous
 
-        hook.drops_failed_read_leftovers = True
-        sys.unraisablehook = hook
+    def _inside(self, unraisable) -> None:
+        if not (_closed_loop(unraisable.exc_value) or _in_orbax(unraisable.exc_value)):
+            self._previous(unraisable)
+
+    def _after(self, unraisable) -> None:
+        if not _closed_loop(unraisable.exc_value):
+            self._previous(unraisable)
 
 
-def _from_a_failed_read(error: BaseException | None) -> bool:
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-        return True
+def _closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _in_orbax(error: BaseException | None) -> bool:
     frames = traceback.extract_tb(error.__traceback__) if error is not None else []
     return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
-
-
-def _on_every_process(ok: bool) -> bool:
-    """Whether `ok` holds on every process (one collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def tf_gfile():
