@@ -553,6 +553,26 @@ def test_two_processes_train_preempt_and_resume_exactly(
     assert abs(final["eval/mean_accuracy"] - results["eval/mean_accuracy"]) < 0.15
 
 
+@pytest.mark.slow  # two multi-process runs
+@pytest.mark.multiprocess
+def test_two_processes_resume_exactly_in_the_process_order(experiment, tmp_path):
+    """The default order (each process streams and shuffles its own shard) over 2 x 4
+    devices: a run resumed from its step-HALF checkpoint ends with the parameters of the
+    uninterrupted run, bit for bit."""
+    straight = tmp_path / "straight"
+    order = {"data.order": "process"}
+    run_processes(TRAIN_SCRIPT, multiprocess_args(straight, **order), log_dir=tmp_path / "a")
+    resumed = tmp_path / "resumed"
+    copy_checkpoints(straight, resumed, HALF)
+    run_processes(TRAIN_SCRIPT, multiprocess_args(resumed, **order), log_dir=tmp_path / "b")
+    assert f"Resuming from step {HALF}" in (tmp_path / "b" / "process_0.log").read_text()
+    _, _, expected = restore_latest(straight, experiment)
+    step, progress, params = restore_latest(resumed, experiment)
+    assert step == progress["data_step"] == 2 * HALF
+    for a, b in zip(expected, params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow  # a multi-process run
 @pytest.mark.multiprocess
 def test_two_processes_move_a_damaged_step_aside_together(experiment, two_processes, tmp_path):
