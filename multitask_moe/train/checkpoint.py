@@ -280,9 +280,12 @@ class _QuietFailedReads:
     loop while tensorstore still completes its other reads: each completion fails to reach
     the closed loop ("Event loop is closed") and each sibling read coroutine dies with its
     own error, and Python prints every one as an unraisable traceback, dozens after our
-    one-line warning. Inside the block the hook drops unraisable errors raised in Orbax's
-    code or by a closed loop, and the dead coroutines are collected before it ends. After
-    a failed read (`failed`), only the late closed-loop callbacks stay silenced.
+    one-line warning; asyncio logs the read tasks nobody awaited ("Task exception was
+    never retrieved", with a traceback each). Inside the block the hook drops unraisable
+    errors raised in Orbax's code or by a closed loop, a filter on asyncio's logger drops
+    Orbax's unretrieved task errors, and the dead coroutines and tasks are collected
+    before it ends. After a failed read (`failed`) the late closed-loop callbacks and
+    Orbax task errors stay silenced; nothing else is.
     """
 
     def __init__(self) -> None:
@@ -291,11 +294,14 @@ class _QuietFailedReads:
 
     def __enter__(self) -> _QuietFailedReads:
         sys.unraisablehook = self._inside
+        logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
         return self
 
     def __exit__(self, *exc_info) -> None:
         gc.collect()  # finalizes the failed reads' coroutines while `_inside` is the hook
         sys.unraisablehook = self._after if self.failed else self._previous
+        if not self.failed:
+            logging.getLogger("asyncio").removeFilter(_drop_orbax_task_errors)
 
     def _inside(self, unraisable) -> None:
         if not (_closed_loop(unraisable.exc_value) or _in_orbax(unraisable.exc_value)):
@@ -304,6 +310,12 @@ class _QuietFailedReads:
     def _after(self, unraisable) -> None:
         if not _closed_loop(unraisable.exc_value):
             self._previous(unraisable)
+
+
+def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of an Orbax task whose error nobody retrieved."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_in_orbax(error) or _closed_loop(error))
 
 
 def _closed_loop(error: BaseException | None) -> bool:
