@@ -187,31 +187,36 @@ class Mixture:
         self._split_sizes: dict[tuple[int, str], int] = {}
         self._in_memory: dict[tuple[int, str], dict[str, np.ndarray]] = {}
 
+    def _padded(self, task_id: int, split: str, process: tuple[int, int]) -> Any:
+        """tf.data.Dataset of this process's shard of the task's split in the batch layout."""
+        import tensorflow as tf
+
+        from multitask_moe.data import preprocess
+
+        length, width = self.token_shape
+        tokens = self.tasks[task_id].dataset(
+            split,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            process_index=process[0],
+            process_count=process[1],
+        )
+
+        def to_layout(example):
+            inputs, mask = preprocess.pad_tokens(
+                example["tokens"], length, width, example.get("valid")
+            )
+            task = tf.constant(task_id, tf.int32)
+            return {"inputs": inputs, "mask": mask, "label": example["label"], "task_id": task}
+
+        return tokens.map(to_layout, num_parallel_calls=tf.data.AUTOTUNE)
+
     def _examples(self, task_id: int, split: str, process: tuple[int, int]) -> tuple[Any, int]:
-        """(tf.data.Dataset of padded examples of this process's shard, its size)."""
+        """(`_padded`, cached in memory when under cache_bytes, and its size)."""
         key = (task_id, split, *process)
         if key not in self._examples_cache:
-            import tensorflow as tf
-
-            from multitask_moe.data import preprocess
-
             length, width = self.token_shape
-            tokens = self.tasks[task_id].dataset(
-                split,
-                image_size=self.image_size,
-                patch_size=self.patch_size,
-                process_index=process[0],
-                process_count=process[1],
-            )
-
-            def to_layout(example):
-                inputs, mask = preprocess.pad_tokens(
-                    example["tokens"], length, width, example.get("valid")
-                )
-                task = tf.constant(task_id, tf.int32)
-                return {"inputs": inputs, "mask": mask, "label": example["label"], "task_id": task}
-
-            examples = tokens.map(to_layout, num_parallel_calls=tf.data.AUTOTUNE)
+            examples = self._padded(task_id, split, process)
             size = int(examples.cardinality())
             if size < 0:  # unknown cardinality: count once
                 size = int(examples.reduce(np.int64(0), lambda count, _: count + 1))
@@ -309,12 +314,13 @@ class Mixture:
         """Task `task_id`'s whole split in memory (order="global"; at most cache_bytes)."""
         key = (task_id, split)
         if key not in self._in_memory:
-            examples, size = self._examples(task_id, split, (0, 1))
+            size = self.tasks[task_id].num_examples(split)
             if size == 0:
                 raise ValueError(f"Task {self.tasks[task_id].name!r} has no {split!r} examples.")
             self._check_fits(task_id, size)
-            # One element read to the end, so that the .cache() under it completes.
-            element = examples.batch(size).get_single_element()
+            # Read once into numpy, not through `_examples`: its tf.data cache would hold
+            # the split a second time.
+            element = self._padded(task_id, split, (0, 1)).batch(size).get_single_element()
             self._in_memory[key] = {name: value.numpy() for name, value in element.items()}
         stream = rates_lib.stream_key(seed, split, "global", task_id)
         return global_order.TaskExamples(self._in_memory[key], stream)

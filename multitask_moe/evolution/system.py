@@ -287,12 +287,7 @@ class System:
             validations=self.settings.validations,
         )
         self._store(child_id, result)
-        if result.diverged_at is not None:
-            logger.warning(
-                "task %s: the loss or parameters of path %d are not finite from step %d on; "
-                "it keeps its best point before that (quality %.3f)",
-                self.paths[child_id].task, child_id, result.diverged_at, result.quality,
-            )  # fmt: skip
+        _warn_if_diverged(self.paths[child_id].task, child_id, result.diverged_at, result.quality)
         return result.quality
 
     def train_children(
@@ -389,12 +384,8 @@ class System:
         for (parent, child_id, _), (quality, diverged_at) in zip(planned, outcomes, strict=True):
             child = self.paths[child_id]
             child.quality = quality
-            if diverged_at is not None:
-                logger.warning(
-                    "task %s, generation %d: the loss or parameters of child path %d are not "
-                    "finite from step %d on; it keeps its best point before that (quality %.3f)",
-                    task, progress["generation"], child_id, diverged_at, quality,
-                )  # fmt: skip
+            where = f"{task}, generation {progress['generation']}"
+            _warn_if_diverged(where, child_id, diverged_at, quality)
             params = accounted_params(child.components, self.pool, task)
             child.score = score(child.quality, params, self.root_params, settings.size_scale)
             accepted = parent.task != task or child.score >= (parent.score or 0.0)
@@ -502,6 +493,14 @@ class System:
         steps = self.steps_for(self.arch[path_id])
         test = self._validation(task, "test")()
         return child_lib.logits_of(steps, self.state_of(path_id), test)
+
+
+def _warn_if_diverged(where: str, path_id: int, step: int | None, quality: float) -> None:
+    if step is not None:
+        logger.warning(
+            "task %s: the loss or parameters of path %d are not finite from step %d on; it "
+            "keeps its best point before that (quality %.3f)", where, path_id, step, quality,
+        )  # fmt: skip
 
 
 def new_progress(task_index: int) -> dict:

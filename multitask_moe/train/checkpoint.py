@@ -304,7 +304,7 @@ class _QuietFailedReads:
             logging.getLogger("asyncio").removeFilter(_drop_orbax_task_errors)
 
     def _inside(self, unraisable) -> None:
-        if not (_closed_loop(unraisable.exc_value) or _in_orbax(unraisable.exc_value)):
+        if not _leftover(unraisable.exc_value):
             self._previous(unraisable)
 
     def _after(self, unraisable) -> None:
@@ -314,17 +314,19 @@ class _QuietFailedReads:
 
 def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
     """False (drop) for asyncio's report of an Orbax task whose error nobody retrieved."""
-    error = record.exc_info[1] if record.exc_info else None
-    return not (_in_orbax(error) or _closed_loop(error))
+    return not _leftover(record.exc_info[1] if record.exc_info else None)
+
+
+def _leftover(error: BaseException | None) -> bool:
+    """A closed loop's refusal or an error raised in Orbax's code."""
+    if _closed_loop(error):
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 def _closed_loop(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-def _in_orbax(error: BaseException | None) -> bool:
-    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
 def tf_gfile():
