@@ -613,8 +613,7 @@ def test_two_processes_resume_exactly_in_the_process_order(experiment, tmp_path)
 def test_two_processes_move_a_damaged_step_aside_together(experiment, two_processes, tmp_path):
     """The latest step of a 2-process run damaged where both processes read it: both give
     it up, with one warning and no traceback, resume from the step before and end with the
-    uninterrupted run's parameters. (A shard that only one process reads is not covered:
-    the other waits in Orbax's restore barrier; see Checkpoints.restore_latest_readable.)"""
+    uninterrupted run's parameters."""
     copy_checkpoints(two_processes, tmp_path, HALF, 2 * HALF)
     with open(largest_array_file(tmp_path / "checkpoints" / str(2 * HALF)), "r+b") as f:
         f.truncate(64)
@@ -625,6 +624,33 @@ def test_two_processes_move_a_damaged_step_aside_together(experiment, two_proces
     assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
     _, _, expected = restore_latest(two_processes, experiment)
     _, _, params = restore_latest(tmp_path, experiment)
+    for a, b in zip(expected, params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # two multi-process runs
+@pytest.mark.multiprocess
+def test_two_processes_give_up_a_step_that_only_one_of_them_cannot_read(experiment, tmp_path):
+    """Experts sharded across the processes (mesh 1 x 8 over 2 x 4 devices): process 1
+    alone reads its experts' file. Truncated, its read fails while process 0's succeeds;
+    both must give the step up together (before, process 0 waited for ever in Orbax's
+    restore barrier), resume from the step before and end with the uninterrupted run's
+    parameters."""
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    args = {"mesh.data": 1, "mesh.expert": 8}
+    run_processes(TRAIN_SCRIPT, multiprocess_args(straight, **args), log_dir=tmp_path / "a")
+    copy_checkpoints(straight, damaged, HALF, 2 * HALF)
+    files = glob.glob(f"{damaged}/checkpoints/{2 * HALF}/state/ocdbt.process_1/d/*")
+    with open(max(files, key=os.path.getsize), "r+b") as f:  # process 1's experts
+        f.truncate(64)
+    run_processes(TRAIN_SCRIPT, multiprocess_args(damaged, **args), log_dir=tmp_path / "b")
+    logs = [(tmp_path / "b" / f"process_{i}.log").read_text() for i in (0, 1)]
+    assert f"checkpoint step {2 * HALF} in" in logs[1], logs[1][-3000:]
+    assert "process 1 could not read it" in logs[0], logs[0][-3000:]
+    assert f"Resuming from step {HALF}" in logs[0] and "Traceback" not in logs[0] + logs[1]
+    assert os.listdir(damaged / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
+    _, _, expected = restore_latest(straight, experiment)  # onto the (2, 4) mesh
+    _, _, params = restore_latest(damaged, experiment)
     for a, b in zip(expected, params, strict=True):
         np.testing.assert_array_equal(a, b)
 

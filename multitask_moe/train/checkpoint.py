@@ -12,8 +12,10 @@ that fails (disk full, a directory made read-only) raises CheckpointWriteError n
 step and the path; older steps are only deleted after a newer one is committed. A step
 that cannot be read back (a truncated array file, a step directory missing parts) is
 moved to checkpoints.unreadable/ beside the checkpoints, never deleted, and the previous
-step is tried. A step whose arrays have other shapes than the model (the config changed)
-raises CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
+step is tried; in a multi-process run every process reads its own shards and then they
+agree, so all of them give up a step that any one of them could not read. A step whose
+arrays have other shapes than the model (the config changed) raises
+CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
 """
 
 from __future__ import annotations
@@ -131,6 +133,20 @@ class Checkpoints:
             },
         )
         self._writing: int | None = None  # the step whose asynchronous write may be running
+        # Reads go through a Checkpointer of this process alone. The manager's restore
+        # ends in a barrier of all processes, which a process whose read failed never
+        # reaches (a shard only it reads: experts sharded across processes), so the
+        # others would wait there for ever; restore_latest_readable agrees instead.
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}
+        )
+        self._reader = ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(
+                state=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+                progress=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+            ),
+            multiprocessing_options=alone,
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -207,25 +223,27 @@ class Checkpoints:
     ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, progress) of the newest step that restores, or None if none.
 
-        A step that does not restore is moved aside (`warn` gets one line naming it and
-        where it went) and the one before is tried. CheckpointShapeError propagates.
+        A step that does not restore, on this process or any other, is moved aside (`warn`
+        gets one line naming it and where it went) and the one before is tried.
+        CheckpointShapeError propagates.
         """
-        # A read that fails on one process only (a shard no other process reads) is not
-        # handled: the others wait in Orbax's restore barrier for it.
         with _QuietFailedReads() as quiet:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 self.check_shapes(step, abstract_state)
+                failure = None
                 try:
                     state, progress = self.restore(step, abstract_state)
                 except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
-                    quiet.failed = True
-                    moved = self.move_aside(step)
-                    warn(
-                        f"checkpoint step {step} in {self.directory} is unreadable "
-                        f"({_one_line(error)}); moved it to {moved}; trying the previous step"
-                    )
-                    continue
-                return step, state, progress
+                    failure = error
+                reason = _agreed_failure(failure)
+                if reason is None:
+                    return step, state, progress
+                quiet.failed = True
+                moved = self.move_aside(step)
+                warn(
+                    f"checkpoint step {step} in {self.directory} is unreadable "
+                    f"({reason}); moved it to {moved}; trying the previous step"
+                )
         return None
 
     def move_aside(self, step: int) -> str:
@@ -246,8 +264,8 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """Restores `step` onto the shardings of `abstract_state` (any mesh)."""
-        restored = self.manager.restore(
-            step,
+        restored = self._reader.restore(
+            os.path.join(self.directory, str(step)),
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_storable(abstract_state)),
                 progress=ocp.args.JsonRestore(),
@@ -271,6 +289,23 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _agreed_failure(error: BaseException | None) -> str | None:
+    """One line for a restore that failed on this process or any other, None if it
+    succeeded everywhere. Every process calls it after every restore attempt, so they all
+    give up a step together, whoever could not read it."""
+    if jax.process_count() == 1:
+        return None if error is None else _one_line(error)
+    from jax.experimental import multihost_utils
+
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is not None:
+        return _one_line(error)
+    if failed.any():
+        others = [str(i) for i in np.flatnonzero(failed)]
+        return f"process{'es' if len(others) > 1 else ''} {', '.join(others)} could not read it"
+    return None
 
 
 class _QuietFailedReads:
