@@ -46,13 +46,7 @@ def main() -> None:
 
     logging.set_verbosity(logging.WARNING)
     config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve")
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = type(node[leaf])(value)
+    config_lib.set_from_strings(config, args.set)
     tasks = [t.strip() for t in config.evolve.tasks.split(",")][: args.tasks]
     config.evolve.tasks = ", ".join(tasks)
     settings = settings_from_config(config)
@@ -64,7 +58,7 @@ def main() -> None:
     steps = system.steps_for(arch)
     names = arch.component_names()
     trainable = {name: i >= len(names) // 2 for i, name in enumerate(names)}
-    mask = child.pure_mask(path_model.leaf_trainable(fresh, trainable), fresh)
+    mask = child.pure_mask(path_model.leaf_trainable(fresh, trainable, arch), fresh)
     opt_state = child.with_learning_rate(steps.tx.init(fresh["params"]), 3e-3)
     batches = system.mixture(tasks[0]).iterator("train", batch_size=settings.batch_size, seed=0)
     batch_list = [next(batches) for _ in range(4)]

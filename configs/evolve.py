@@ -9,6 +9,8 @@ in seconds on 2 CPU cores.
     --config=configs/evolve.py:baseline        # also fine-tune the root per task
     --config=configs/evolve.py:size_scale=0.5  # pay for added parameters (s in (0, 1])
     --config=configs/evolve.py:tpu             # a larger system for a TPU host
+    --config=configs/evolve.py:expert_slots=4  # experts as components: a child may clone
+                                               # one expert into a free slot of the MoE
 
 Any field with --config.key=value, e.g. --config.evolve.generations=4.
 """
@@ -21,7 +23,7 @@ TASKS = ("digits/class", "iris", "digits/parity", "wine", "synthetic/a0", "breas
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, baseline=False, size_scale=1.0, tpu=False)
+    args = config_lib.parse_arg(arg, baseline=False, size_scale=1.0, tpu=False, expert_slots=0)
     c = config_lib.sibling_config(__file__, "default", "routing=tokens")
     c.model.d_model = 32
     c.model.depth = 2
@@ -47,6 +49,7 @@ def get_config(arg: str | None = None):
             "learning_rate": 3e-3,
             "adapter_size": 16,
             "baseline": args.baseline,
+            "free_expert_slots": args.expert_slots,
         }
     )
     if args.tpu:

@@ -57,6 +57,7 @@ def settings_from_config(config):
         mu=evolve.mu,
         learning_rate=evolve.learning_rate,
         adapter_size=evolve.adapter_size,
+        free_expert_slots=evolve.free_expert_slots,
     )
 
 

@@ -134,3 +134,21 @@ def test_evolution_benchmark_runs(tmp_path):
     assert result["step_ratio_child_over_plain"] > 0
     assert [g["generation"] for g in result["generations"]] == [0]
     assert result["generations"][0]["compiles"] >= 1
+
+
+@pytest.mark.slow  # two short evolutions of two tasks
+def test_expert_cloning_benchmark_runs(tmp_path):
+    result = _run(
+        "expert_cloning.py",
+        tmp_path / "result.json",
+        "--tasks=2",
+        "--set=evolve.steps=4",
+        "--set=evolve.generations=1",
+        "--set=evolve.children=2",
+        timeout=900,
+    )
+    for mode in ("whole-block", "experts"):
+        (run,) = result["runs"][mode]
+        assert [row["task"] for row in run["tasks"]] == ["digits/class", "iris"]
+        assert all(row["params_added"] > 0 for row in run["tasks"])  # a head at least
+    assert result["summary"]["whole-block"]["experts_in_free_slots"] == 0

@@ -169,3 +169,9 @@ def test_a_config_written_before_a_field_existed_reads_with_its_default(tmp_path
     config = config_lib.read_config(str(tmp_path))
     assert (config.profile_steps, config.model.moe.exchange) == (0, "auto")
     assert (config.seed, config.evolve.steps) == (7, 3)
+
+
+def test_evolve_config_variants_set_their_fields():
+    assert load("evolve").evolve.free_expert_slots == 0  # whole blocks: muNet as published
+    assert load("evolve", "expert_slots=4").evolve.free_expert_slots == 4
+    assert load("evolve", "size_scale=0.5").evolve.size_scale == 0.5

@@ -7,6 +7,7 @@ the command-line runs (slow-marked) use the config's MoE block.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from multitask_moe.evolution import System, paths
+from multitask_moe.evolution import System, path_model, paths
 from multitask_moe.evolution.store import SystemCheckpoints
 from multitask_moe.evolve import evolve, settings_from_config
 from multitask_moe.train import config_lib
@@ -109,6 +110,64 @@ def test_checkpoint_round_trip(grown, tmp_path):
     assert restored.rng.random() == system.rng.random()
 
 
+def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_sees_it(
+    tmp_path,
+):
+    """free_expert_slots: each expert of an MoE block is its own component (its MLP slice,
+    router column and usage). A child of the first task's path that clones one expert into
+    a free slot starts with a copy equal to its origin, trains the copy (one compiled step
+    for every active set) while the reused experts and the rest of the locked block keep
+    their bits, and the first task, which has no such slot, keeps its logits bit for bit;
+    the system checkpoint round-trips the slots."""
+    import jax
+
+    changes = {"model.moe_every": 2, "evolve.free_expert_slots": 2}
+    system = System(settings_from_config(tiny_config(**changes)))
+    root = system.arch[system.root]
+    assert (root.expert_slots, root.experts) == (6, ((1, (0, 1, 2, 3)),))
+    system.evolve_task("iris")
+    logits, locked = system.test_logits("iris"), locked_arrays(system)
+    parent = system.best["iris"]
+    for _ in range(60):  # each child clones an expert with probability mu
+        child, trainable = system.mutate(parent, "wine")
+        if 4 in dict(system.arch[child].experts).get(1, ()):
+            break
+    assert dict(system.arch[child].experts)[1] == (*dict(system.arch[parent].experts)[1], 4)
+    named = system.named_components(child)
+    copy = system.pool[named["block1.expert4"]]
+    origin = system.pool[copy.origin]
+    assert origin.locks and origin.name.startswith("block1.expert") and trainable[copy.name]
+    assert any(path[-2:] == ("router", "kernel") for path in copy.params)
+    for path, value in origin.params.items():
+        np.testing.assert_array_equal(copy.params[path], value)
+    reused = [n for n, cid in named.items() if system.pool[cid].locks]
+    assert reused and not any(trainable[n] for n in reused)
+    arch = system.arch[child]
+    other = dataclasses.replace(arch, experts=root.experts)  # another active set
+    assert system.steps_for(arch) is system.steps_for(other)  # no new compile
+    _, fresh = path_model.build(system.settings.model, arch, system.token_shape, 0)
+    masks = [
+        path_model.leaf_trainable(fresh, dict.fromkeys(a.component_names(), True), a)
+        for a in (arch, other)
+    ]
+    assert jax.tree.map(np.shape, masks[0]) == jax.tree.map(np.shape, masks[1])
+
+    system.train_child(child, trainable, num_steps=4)
+    trained = system.pool[named["block1.expert4"]]
+    assert any(not np.array_equal(trained.params[p], v) for p, v in origin.params.items())
+    np.testing.assert_array_equal(system.test_logits("iris"), logits)
+    now = locked_arrays(system)
+    for key, value in locked.items():
+        np.testing.assert_array_equal(now[key], value)
+
+    checkpoints = SystemCheckpoints(str(tmp_path / "system"))
+    checkpoints.save(1, system)
+    restored = checkpoints.restore(system.settings)
+    checkpoints.close()
+    assert restored.arch == system.arch
+    np.testing.assert_array_equal(restored.test_logits("iris"), logits)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -119,8 +178,20 @@ def test_checkpoint_round_trip(grown, tmp_path):
         ({"evolve.tasks": ""}, "tasks is empty"),
         ({"evolve.tasks": "iris, iris"}, "appear twice"),
         ({"evolve.learning_rate": 0.5}, "is not on its ladder"),
+        ({"evolve.free_expert_slots": -1}, "free_expert_slots=-1 must be an int >= 0"),
+        ({"evolve.free_expert_slots": 2}, "free_expert_slots=2 needs MoE blocks"),
     ],
-    ids=["unknown task", "s above 1", "s zero", "mu", "no tasks", "twice", "ladder"],
+    ids=[
+        "unknown task",
+        "s above 1",
+        "s zero",
+        "mu",
+        "no tasks",
+        "twice",
+        "ladder",
+        "negative slots",
+        "slots without MoE",
+    ],  # fmt: skip
 )
 def test_bad_input_one_line_nothing_written(changes, message, tmp_path):
     workdir = tmp_path / "run"

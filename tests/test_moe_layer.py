@@ -248,3 +248,33 @@ def test_dispatch_kinds_have_equal_gradients(capacity_factor, inputs):
         grads[kind] = jax.grad(loss, argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(grads["index"]), jax.tree.leaves(grads["einsum"]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["tokens", "task_tokens"])
+def test_switched_off_experts_are_never_chosen(routing, inputs):
+    """expert_mask: a layer of E experts with expert 1 switched off computes what a layer
+    holding only the other E - 1 experts computes (the softmax over the active columns),
+    its router gets no gradient for the off column, and the statistics stay finite."""
+    x, task_ids = inputs
+    masked = make(routing, capacity_factor=None, expert_mask=True)
+    masked.active_experts[...] = jnp.array([True, False, True, True])
+    kept = jnp.array([0, 2, 3])
+    small = mtm.MoE(D, H, E - 1, K, routing=routing, capacity_factor=None, num_tasks=T,
+                    rngs=nnx.Rngs(0))  # fmt: skip
+    small.experts.w_in[...] = masked.experts.w_in[...][kept]
+    small.experts.w_out[...] = masked.experts.w_out[...][kept]
+    if hasattr(masked.router, "kernel"):
+        small.router.kernel[...] = masked.router.kernel[...][:, kept]
+    if hasattr(masked.router, "task_logits"):
+        small.router.task_logits[...] = masked.router.task_logits[...][:, kept]
+    y, aux = masked(x, task_ids)
+    expected, _ = small(x, task_ids)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=1e-6, rtol=1e-6)
+    assert all(np.isfinite(np.asarray(value)).all() for value in aux.values())
+
+    graphdef, params, rest = nnx.split(masked, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, task_ids)[0] ** 2))(params)
+    router_grads = grads["router"]
+    column = "kernel" if "kernel" in router_grads else "task_logits"
+    assert np.all(np.asarray(router_grads[column][...])[..., 1] == 0)
+    assert np.any(np.asarray(router_grads[column][...])[..., 0] != 0)

@@ -39,6 +39,7 @@ MOE_FIELDS = {
     "kept_experts": ((0, 1, 3), lambda moe: moe.kept_experts),
     "exchange": ("all_to_all", lambda moe: moe.exchange),
     "replicate_indivisible_experts": (True, lambda moe: moe.replicate_indivisible_experts),
+    "expert_mask": (True, lambda moe: moe.active_experts is not None),
 }
 MOA_FIELDS = {
     "num_experts": (4, lambda moa: moa.router_width),

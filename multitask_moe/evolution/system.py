@@ -62,6 +62,10 @@ class Settings:
     patch_size: int = 2
     data_dir: str | None = None
     seed: int = 0
+    # Free expert slots of every MoE block beyond the root's experts: 0 keeps an MoE block
+    # one component; more makes each expert a component that a child may clone alone
+    # into a free slot (path_model.py).
+    free_expert_slots: int = 0
     # The root path's hyperparameters, each on its ladder (LADDERS).
     mu: float = 0.2
     learning_rate: float = 3e-3
@@ -78,6 +82,13 @@ class Settings:
             raise ValueError(f"mu={self.mu} must be in [0, 1] (a mutation probability)")
         for name in LADDERS:
             mutation.check_ladder(name, getattr(self, name), LADDERS[name])
+        slots = self.free_expert_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"free_expert_slots={slots!r} must be an int >= 0")
+        if slots and not self.model.moe_every:
+            raise ValueError(
+                f"free_expert_slots={slots} needs MoE blocks; this model has none (moe_every=0)"
+            )
         for name in ("generations", "children", "steps", "validations", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -120,9 +131,21 @@ class System:
         """The root path: a fresh model of the config, owned by the pseudo-task 'root'."""
         first = self.settings.tasks[0]
         num_classes, modality = self.task_info[first]
-        arch = path_model.Architecture(self.settings.model.depth, (), num_classes, modality)
+        experts = int(self.settings.model.moe.num_experts)
+        slots = experts + self.settings.free_expert_slots if self.settings.free_expert_slots else 0
+        arch = path_model.Architecture(
+            self.settings.model.depth, (), num_classes, modality, expert_slots=slots
+        )
         _, fresh = self._fresh(arch)
-        parts = path_model.split(fresh)
+        if slots:  # the root's experts fill the first slots of every MoE block
+            moe_blocks = sorted(
+                path[1]
+                for path in path_model.flatten(fresh["model_state"])
+                if path[-1] in path_model.ARCH_LEAVES
+            )
+            used = tuple(range(experts))
+            arch = dataclasses.replace(arch, experts=tuple((i, used) for i in moe_blocks))
+        parts = path_model.split(fresh, arch)
         ids = tuple(
             self.pool.add(
                 name, parts[name].params, locks=[ROOT_TASK], statistics=parts[name].statistics
@@ -144,6 +167,7 @@ class System:
 
     def steps_for(self, arch: path_model.Architecture) -> child_lib.ChildSteps:
         """The compiled steps of an architecture (built once, reused by every child)."""
+        arch = arch.shapes
         if arch not in self._steps:
             graphdef, fresh = path_model.build(self.settings.model, arch, self.token_shape, 0)
             sparse = tuple(
@@ -155,6 +179,11 @@ class System:
             self._steps[arch] = (steps, graphdef)
         return self._steps[arch][0]
 
+    def named_components(self, path_id: int) -> dict[str, int]:
+        """{component name: id} of a path, in model order."""
+        names = self.arch[path_id].component_names()
+        return dict(zip(names, self.paths[path_id].components, strict=True))
+
     def state_of(self, path_id: int) -> dict:
         """The path's model state assembled from its components."""
         arch = self.arch[path_id]
@@ -164,7 +193,7 @@ class System:
             name: path_model.Values(self.pool[cid].params, self.pool[cid].statistics)
             for name, cid in zip(names, self.paths[path_id].components, strict=True)
         }
-        return path_model.assemble(fresh, parts)
+        return path_model.assemble(fresh, parts, arch)
 
     def mixture(self, task: str) -> data.Mixture:
         if task not in self._mixtures:
@@ -194,19 +223,19 @@ class System:
         free = [i for i in range(depth) if i not in adapters]
         if free and rng.random() < mu:
             adapters[int(rng.choice(free))] = int(hparams["adapter_size"])
+        experts, expert_clones = self._mutate_experts(rng, parent_id, depth, mu)
         num_classes, modality = self.task_info[task]
         arch = path_model.Architecture(
-            depth, tuple(sorted(adapters.items())), num_classes, modality
+            depth,
+            tuple(sorted(adapters.items())),
+            num_classes,
+            modality,
+            expert_slots=parent_arch.expert_slots,
+            experts=experts,
         )
 
-        inherited = dict(zip(parent_arch.component_names(), parent.components, strict=True))
-        root = dict(
-            zip(
-                self.arch[self.root].component_names(),
-                self.paths[self.root].components,
-                strict=True,
-            )
-        )
+        inherited = {**self.named_components(parent_id), **expert_clones}
+        root = self.named_components(self.root)
         new_parts = None
         components, trainable = [], {}
         other_task = parent.task != task
@@ -217,19 +246,21 @@ class System:
             if name == "stem" and modality != parent_arch.modality:
                 source = None
             if name.startswith("block") and source is None:
-                source = root.get(name)
+                source = root.get(name)  # a block (or an expert of one) of the root
             if name.startswith("adapter") and source is not None:
                 size = dict(parent_arch.adapters)[int(name.removeprefix("adapter"))]
                 source = source if size == adapters[int(name.removeprefix("adapter"))] else None
             if source is None:
                 if new_parts is None:
-                    new_parts = path_model.split(self._fresh(arch)[1])
+                    new_parts = path_model.split(self._fresh(arch)[1], arch)
                 cid = self.pool.add(
                     name, new_parts[name].params, statistics=new_parts[name].statistics
                 )
                 self.lineage[cid] = "new"
             else:
                 ((_, action),) = mutation.component_actions(rng, [source], self.pool, mu)
+                if name in expert_clones:  # an expert cloned into a free slot
+                    action = mutation.CLONE
                 cid = self.pool.clone(source) if action == mutation.CLONE else source
                 if cid != source:  # a clone of a locked component, or of this task's own
                     own = not self.pool[source].locks
@@ -239,16 +270,40 @@ class System:
         child = self._add_path(task, components, hparams, arch, parent=parent_id)
         return child, trainable
 
+    def _mutate_experts(self, rng, parent_id: int, depth: int, mu: float):
+        """(active slots per MoE block below `depth`, {new slot's component name: the
+        expert component it clones}). Each MoE block with a free slot clones one of its
+        experts, chosen uniformly, into its lowest free slot with probability mu; a block
+        taken from the root (one more block) comes with the root's experts. Without
+        expert slots: ((), {}) and no random draw."""
+        parent_arch = self.arch[parent_id]
+        if not parent_arch.expert_slots:
+            return (), {}
+        root_arch = self.arch[self.root]
+        sources = {**self.named_components(self.root), **self.named_components(parent_id)}
+        active = {i: set(slots) for i, slots in root_arch.experts if i < depth}
+        active.update((i, set(slots)) for i, slots in parent_arch.experts if i < depth)
+        clones = {}
+        for block in sorted(active):
+            free = [k for k in range(parent_arch.expert_slots) if k not in active[block]]
+            if free and rng.random() < mu:
+                cloned = int(rng.choice(sorted(active[block])))
+                clones[path_model.expert_name(block, free[0])] = sources[
+                    path_model.expert_name(block, cloned)
+                ]
+                active[block].add(free[0])
+        return tuple((i, tuple(sorted(active[i]))) for i in sorted(active)), clones
+
     def _prepare(self, child_id: int, trainable: Mapping[str, bool]):
         """(state, opt_state, frozen mask, train batches) of a child about to train."""
         path, arch = self.paths[child_id], self.arch[child_id]
         steps = self.steps_for(arch)
         state = self.state_of(child_id)
-        mask = child_lib.pure_mask(path_model.leaf_trainable(state, trainable), state)
+        mask = child_lib.pure_mask(path_model.leaf_trainable(state, trainable, arch), state)
         opt_state = child_lib.with_learning_rate(
             steps.tx.init(state["params"]), path.hparams["learning_rate"]
         )
-        opt_state = self._inherit_opt_state(opt_state, path, arch)
+        opt_state = self._inherit_opt_state(opt_state, path, arch, state)
         batches = self.mixture(path.task).iterator(
             "train", batch_size=self.settings.batch_size, seed=int(self.rng.integers(2**31))
         )
@@ -262,12 +317,15 @@ class System:
     def _store(self, child_id: int, trained: child_lib.Trained) -> None:
         """The trained values of the child's unlocked components go into the pool."""
         path, arch = self.paths[child_id], self.arch[child_id]
-        parts = path_model.split(trained.state)
-        opt_parts = _opt_parts(trained.opt_state)
+        parts = path_model.split(trained.state, arch)
+        layout = path_model.Layout.of(arch, trained.state)
+        opt: dict[str, dict] = {}
+        for (slot, leaf_path), value in _opt_parts(trained.opt_state).items():
+            for name, piece in layout.pieces(leaf_path, value):
+                opt.setdefault(name, {})[(slot, leaf_path)] = piece
         for name, cid in zip(arch.component_names(), path.components, strict=True):
             if self.pool[cid].trainable:
-                opt = {k: v for k, v in opt_parts.items() if path_model.component_of(k[1]) == name}
-                self.pool.update(cid, parts[name].params, opt, parts[name].statistics)
+                self.pool.update(cid, parts[name].params, opt.get(name), parts[name].statistics)
 
     def train_child(
         self, child_id: int, trainable: Mapping[str, bool], num_steps: int | None = None
@@ -318,25 +376,27 @@ class System:
                     outcomes[index] = (result.quality, result.diverged_at)
         return outcomes
 
-    def _inherit_opt_state(self, opt_state, path: Path, arch):
+    def _inherit_opt_state(self, opt_state, path: Path, arch, state):
         """Moment estimates of cloned components (mu2Net: a clone keeps its optimizer state)."""
         stored = {}
-        for cid in path.components:
+        for name, cid in zip(arch.component_names(), path.components, strict=True):
             component = self.pool[cid]
             if component.trainable and component.opt_state:
-                stored.update(component.opt_state)
+                stored[name] = component.opt_state
         if not stored:
             return opt_state
+        layout = path_model.Layout.of(arch, state)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
         out = []
         for key_path, leaf in leaves:
             key = _opt_key(key_path)
-            value = stored.get(key) if key is not None else None
-            out.append(
-                leaf
-                if value is None or value.shape != leaf.shape
-                else jax.numpy.asarray(value, leaf.dtype)
+            if key is None:
+                out.append(leaf)
+                continue
+            value = layout.joined(
+                key[1], np.asarray(leaf), lambda name, key=key: stored.get(name, {}).get(key)
             )
+            out.append(leaf if value.shape != leaf.shape else jax.numpy.asarray(value, leaf.dtype))
         return jax.tree_util.tree_unflatten(treedef, out)
 
     # -- tasks and generations ------------------------------------------------------------
@@ -437,9 +497,9 @@ class System:
         task's generations; its components are dropped afterwards."""
         root_arch = self.arch[self.root]
         num_classes, modality = self.task_info[task]
-        arch = path_model.Architecture(root_arch.depth, (), num_classes, modality)
-        fresh = path_model.split(self._fresh(arch)[1])
-        root = dict(zip(root_arch.component_names(), self.paths[self.root].components, strict=True))
+        arch = dataclasses.replace(root_arch, num_classes=num_classes, modality=modality)
+        fresh = path_model.split(self._fresh(arch)[1], arch)
+        root = self.named_components(self.root)
         components = []
         for name in arch.component_names():
             if name == "head" or (name == "stem" and modality != root_arch.modality):

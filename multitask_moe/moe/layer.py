@@ -21,7 +21,13 @@ from flax import nnx
 from multitask_moe.moe import checks, losses, plan, sharded_dropless
 from multitask_moe.moe import dispatch as dispatch_lib
 from multitask_moe.moe.experts import BATCHED_HIDDEN_BYTES, Experts
-from multitask_moe.moe.routing import Router, held_columns, routing_kind
+from multitask_moe.moe.routing import (
+    ActiveExperts,
+    Router,
+    held_columns,
+    mask_inactive,
+    routing_kind,
+)
 from multitask_moe.moe.settings import settings_class
 from multitask_moe.moe.usage import TracksUsage, check_decay, usage_table
 from multitask_moe.parallel import exchange as exchange_lib
@@ -71,6 +77,10 @@ class MoE(nnx.Module, TracksUsage):
         always use the all-to-all of slots (parallel/exchange.py).
       replicate_indivisible_experts: on a mesh whose 'expert' axis does not divide the
         held expert count, replicate the experts instead of raising.
+      expert_mask: the layer holds `active_experts` [router_width] bool (state, all True
+        at the start); a column set False is never chosen (its logit is masked before
+        the softmax), so experts can be switched on and off without changing any shape:
+        an evolving system keeps free expert slots this way (evolution/path_model.py).
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
     """
 
@@ -99,6 +109,7 @@ class MoE(nnx.Module, TracksUsage):
         kept_experts: tuple[int, ...] | None = None,
         exchange: str = "auto",
         replicate_indivisible_experts: bool = False,
+        expert_mask: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -178,6 +189,9 @@ class MoE(nnx.Module, TracksUsage):
             rngs=rngs,
         )
         self.usage = usage_table(num_tasks, num_experts)
+        self.active_experts = (
+            ActiveExperts(jnp.ones((self.router_width,), bool)) if expert_mask else nnx.data(None)
+        )
         self.shared_experts = (
             Experts(
                 num_shared_experts,
@@ -311,6 +325,8 @@ class MoE(nnx.Module, TracksUsage):
         (logits, probs) [G, S, E] float32: the softmax over every router column, then the
         columns of the experts held here."""
         logits = self.router(groups, tasks, noise=noise)  # [G, S, router_width]
+        active = None if self.active_experts is None else self.active_experts[...]
+        logits = mask_inactive(logits, active)
         return held_columns(self.kept_experts, logits, jax.nn.softmax(logits, axis=-1))
 
     def choose_experts(

@@ -138,6 +138,22 @@ class Router(nnx.Module):
         return logits
 
 
+# The logit of a switched-off expert: its softmax share is exactly 0 and every router
+# statistic stays finite (-inf would make 0 * log 0 in the router entropy NaN).
+MASKED_LOGIT = -1e9
+
+
+class ActiveExperts(nnx.Variable):
+    """[E] bool: which router columns may be chosen; state, not a parameter."""
+
+
+def mask_inactive(logits: jax.Array, active: jax.Array | None) -> jax.Array:
+    """logits [..., E] with the columns where active [E] is False set to MASKED_LOGIT."""
+    if active is None:
+        return logits
+    return jnp.where(active, logits, MASKED_LOGIT)
+
+
 def take_task_rows(table: jax.Array, task_ids: jax.Array) -> jax.Array:
     """table [T, ...], task_ids [G, S] -> [G, S, ...].
 

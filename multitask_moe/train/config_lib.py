@@ -17,7 +17,7 @@ import importlib.util
 import json
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -223,6 +223,19 @@ def set_fields(config: ml_collections.ConfigDict, changes: Mapping[str, object])
         for part in parents:
             node = node[part]
         node[leaf] = value
+    return config
+
+
+def set_from_strings(config: ml_collections.ConfigDict, items: Iterable[str]):
+    """Sets "dotted.key=value" strings (a script's --set flags), each value cast to the
+    type of the field it replaces; returns `config`."""
+    for item in items:
+        key, value = item.split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = type(node[leaf])(value)
     return config
 
 
