@@ -12,8 +12,9 @@ For every task of the sequence: the parameters its best path added (components m
 or cloned) and how many of them are in MoE blocks, its accounted parameters P, its test
 accuracy, how many of its components are expert copies in a free slot, and whether it
 cloned an MoE block's shared part. Means over
---seeds. The two runs draw their mutations differently, so their paths differ beyond the
-cloning granularity; the seeds average that out only in part.
+--seeds. The two runs start from different roots (the slots change the root's expert
+arrays, so its initialization) and draw their mutations differently, so their paths
+differ beyond the cloning granularity; the seeds average that out only in part.
 """
 
 from __future__ import annotations

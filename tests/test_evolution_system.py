@@ -136,7 +136,8 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     named = system.named_components(child)
     copy = system.pool[named["block1.expert4"]]
     origin = system.pool[copy.origin]
-    assert origin.locks and origin.name.startswith("block1.expert") and trainable[copy.name]
+    assert copy.name == "block1.expert4" and trainable[copy.name]
+    assert origin.locks and origin.name.startswith("block1.expert")
     assert any(path[-2:] == ("router", "kernel") for path in copy.params)
     for path, value in origin.params.items():
         np.testing.assert_array_equal(copy.params[path], value)
@@ -156,6 +157,9 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     trained = system.pool[named["block1.expert4"]]
     assert any(not np.array_equal(trained.params[p], v) for p, v in origin.params.items())
     np.testing.assert_array_equal(system.test_logits("iris"), logits)
+    iris_state = path_model.flatten(system.state_of(parent)["model_state"])
+    (active,) = [v for p, v in iris_state.items() if p[-1] == "active_experts"]
+    assert not np.asarray(active)[4:].any()  # the first task never routes to slot 4
     now = locked_arrays(system)
     for key, value in locked.items():
         np.testing.assert_array_equal(now[key], value)

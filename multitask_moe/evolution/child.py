@@ -42,7 +42,8 @@ def with_learning_rate(opt_state, learning_rate: float):
 
 
 def _select(mask, new, old):
-    """new where the scalar mask is True, else old (typed PRNG keys through their data)."""
+    """new where the mask (a scalar, or per expert slot broadcast over the leaf) is True,
+    else old (typed PRNG keys through their data)."""
     if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
         data = jnp.where(mask, jax.random.key_data(new), jax.random.key_data(old))
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))

@@ -84,12 +84,13 @@ class ComponentPool:
         self._next_id += 1
         return component.id
 
-    def clone(self, component_id: int) -> int:
-        """A trainable deep copy (parameters and optimizer state) of a component."""
+    def clone(self, component_id: int, name: str | None = None) -> int:
+        """A trainable deep copy (parameters and optimizer state) of a component, named
+        `name` when it takes another place in a path (an expert copied into a free slot)."""
         source = self[component_id]
         component = Component(
             self._next_id,
-            source.name,
+            source.name if name is None else name,
             _copy_tree(source.params),
             _copy_tree(source.opt_state),
             frozenset(),

@@ -178,13 +178,20 @@ class Layout:
     @classmethod
     def of(cls, arch: Architecture, state: Mapping[str, nnx.State]) -> Layout:
         """The layout of `state` (a fresh or trained path model of `arch`)."""
+        # The MoE layers with slots: where their `active_experts` lives (a block may also
+        # hold an MoA layer, whose expert-indexed leaves are not slots).
         blocks = dict(arch.experts)
+        layers = [
+            path[:-1]
+            for path in flatten(state["model_state"])
+            if path[-1] in ARCH_LEAVES and path[1] in blocks
+        ]
         axes = {}
         for kind in ("params", "model_state"):
             for path, tags in axis_tags(state[kind]).items():
                 path = tuple(_key(k) for k in path)
                 axis = tags.get("expert_axis", tags.get("route_axis"))
-                if axis is not None and path[0] == "blocks" and path[1] in blocks:
+                if axis is not None and any(path[: len(p)] == p for p in layers):
                     axes[path] = axis
         return cls(arch, axes)
 
@@ -192,7 +199,9 @@ class Layout:
         return dict(self.arch.experts)[path[1]]
 
     def pieces(self, path: Path, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """[(component, its part of `value`)] for the leaf at `path`."""
+        """[(component, its part of `value`)] for the leaf at `path`: the whole leaf, or
+        for an expert-indexed leaf one slice per active slot (value [.., S, ..] -> [.., ..],
+        S slots on the leaf's slot axis)."""
         if path[-1] in ARCH_LEAVES:
             return []
         if path not in self.axes:
@@ -202,7 +211,8 @@ class Layout:
 
     def joined(self, path: Path, fresh: np.ndarray, part_of) -> np.ndarray:
         """The leaf at `path` from its components' parts (`part_of(component)`, None where a
-        component has none, e.g. no optimizer state yet: `fresh` stays there)."""
+        component has none, e.g. no optimizer state yet: `fresh` stays there); the inverse
+        of `pieces`. Free slots keep `fresh`'s values, which routing never reads."""
         if path[-1] in ARCH_LEAVES:
             return self.active_mask(path[1], fresh.shape[-1])
         if path not in self.axes:

@@ -155,7 +155,9 @@ def _deserialize(system: System, arrays: dict, meta: dict) -> None:
     for entry in meta["paths"]:
         arch = entry.pop("architecture")
         arch["adapters"] = tuple(tuple(pair) for pair in arch["adapters"])
-        arch["experts"] = tuple((block, tuple(slots)) for block, slots in arch["experts"])
+        # A system saved before expert slots existed has neither field: whole blocks.
+        experts = arch.get("experts", ())
+        arch["experts"] = tuple((block, tuple(slots)) for block, slots in experts)
         entry["components"] = tuple(entry["components"])
         path = Path(**entry)
         system.paths[path.id] = path

@@ -261,7 +261,7 @@ class System:
                 ((_, action),) = mutation.component_actions(rng, [source], self.pool, mu)
                 if name in expert_clones:  # an expert cloned into a free slot
                     action = mutation.CLONE
-                cid = self.pool.clone(source) if action == mutation.CLONE else source
+                cid = self.pool.clone(source, name) if action == mutation.CLONE else source
                 if cid != source:  # a clone of a locked component, or of this task's own
                     own = not self.pool[source].locks
                     self.lineage[cid] = self.lineage.get(source, "cloned") if own else "cloned"
@@ -356,7 +356,8 @@ class System:
         or None) of each, in order."""
         groups: dict[path_model.Architecture, list[int]] = {}
         for index, (child_id, _) in enumerate(children):
-            groups.setdefault(self.arch[child_id], []).append(index)
+            # Active expert slots are state: children that differ only there stack.
+            groups.setdefault(self.arch[child_id].shapes, []).append(index)
         devices = len(jax.devices())
         prepared = [self._prepare(child_id, trainable) for child_id, trainable in children]
         outcomes: list[tuple[float, int | None]] = [(0.0, None)] * len(children)

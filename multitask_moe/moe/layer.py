@@ -81,6 +81,8 @@ class MoE(nnx.Module, TracksUsage):
         at the start); a column set False is never chosen (its logit is masked before
         the softmax), so experts can be switched on and off without changing any shape:
         an evolving system keeps free expert slots this way (evolution/path_model.py).
+        Token choice only. The load-balancing loss and the capacity still count every
+        column: with k of E active, the balance loss's floor is E / k instead of 1.
       deterministic: default mode; nnx's model.eval() / model.train() flip it.
     """
 
@@ -143,6 +145,11 @@ class MoE(nnx.Module, TracksUsage):
         check_decay(usage_ema_decay)
         exchange_lib.check_exchange(exchange)
         kept_experts = checks.kept_experts(kept_experts, num_experts, top_k)
+        if expert_mask and kind.choice == "experts":
+            raise ValueError(
+                f"expert_mask=True needs token choice; routing={routing!r} lets the experts "
+                "choose, so a switched-off expert would still take tokens"
+            )
 
         # num_experts: the experts held here; the router has router_width outputs.
         self.kept_experts = kept_experts

@@ -229,13 +229,15 @@ class Checkpoints:
         """
         with _QuietFailedReads() as quiet:
             for step in sorted(self.manager.all_steps(), reverse=True):
-                self.check_shapes(step, abstract_state)
                 failure = None
                 try:
+                    self.check_shapes(step, abstract_state)
                     state, progress = self.restore(step, abstract_state)
+                except CheckpointShapeError as error:
+                    failure = error
                 except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
                     failure = error
-                reason = _agreed_failure(failure)
+                reason = self._agreed_failure(step, failure)
                 if reason is None:
                     return step, state, progress
                 quiet.failed = True
@@ -244,6 +246,40 @@ class Checkpoints:
                     f"checkpoint step {step} in {self.directory} is unreadable "
                     f"({reason}); moved it to {moved}; trying the previous step"
                 )
+        return None
+
+    def _agreed_failure(self, step: int, failure: BaseException | None) -> str | None:
+        """One line for a restore of `step` that failed on this process or any other, None
+        if it succeeded everywhere. Every process calls it after every attempt, so they all
+        give up a step together, whoever could not read it. A CheckpointShapeError (a
+        wrong config, not damage) is raised on every process."""
+        status = 2 if isinstance(failure, CheckpointShapeError) else int(failure is not None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = multihost_utils.process_allgather(np.array([step, status], np.int32))
+            steps, statuses = gathered[:, 0], gathered[:, 1]  # [processes] each
+            if (steps != step).any():
+                raise RuntimeError(
+                    f"the processes see different checkpoint steps in {self.directory} "
+                    f"({sorted(set(steps.tolist()))}); is the directory shared by all?"
+                )
+        else:
+            statuses = np.array([status])
+        if status == 2:
+            raise failure
+        if (statuses == 2).any():
+            shown = ", ".join(str(i) for i in np.flatnonzero(statuses == 2))
+            raise CheckpointShapeError(
+                f"checkpoint step {step} in {self.directory} holds arrays of other shapes "
+                f"than this model (found by process {shown})",
+                [],
+            )
+        if failure is not None:
+            return _one_line(failure)
+        failed = [str(i) for i in np.flatnonzero(statuses)]
+        if failed:
+            return f"process{'es' if len(failed) > 1 else ''} {', '.join(failed)} could not read it"
         return None
 
     def move_aside(self, step: int) -> str:
@@ -263,7 +299,9 @@ class Checkpoints:
         return target
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-        """Restores `step` onto the shardings of `abstract_state` (any mesh)."""
+        """Restores `step` onto the shardings of `abstract_state` (any mesh). Each process
+        reads its own shards with no barrier; a failure raises on the processes it hit
+        only (restore_latest_readable makes them agree)."""
         restored = self._reader.restore(
             os.path.join(self.directory, str(step)),
             args=ocp.args.Composite(
@@ -289,23 +327,7 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
-
-
-def _agreed_failure(error: BaseException | None) -> str | None:
-    """One line for a restore that failed on this process or any other, None if it
-    succeeded everywhere. Every process calls it after every restore attempt, so they all
-    give up a step together, whoever could not read it."""
-    if jax.process_count() == 1:
-        return None if error is None else _one_line(error)
-    from jax.experimental import multihost_utils
-
-    failed = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is not None:
-        return _one_line(error)
-    if failed.any():
-        others = [str(i) for i in np.flatnonzero(failed)]
-        return f"process{'es' if len(others) > 1 else ''} {', '.join(others)} could not read it"
-    return None
+            self._reader.close()
 
 
 class _QuietFailedReads:

@@ -181,13 +181,17 @@ def parse_arg(arg: str | None, **defaults):
         default = defaults[key]
         if not sep:
             text = "True"
-        if isinstance(default, bool):
-            if text.strip().lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config arg {key}={text!r} must be true or false")
-            values[key] = text.strip().lower() in ("true", "1")
-        else:
-            values[key] = type(default)(text.strip())
+        values[key] = _typed(key, text, default)
     return ml_collections.ConfigDict(values)
+
+
+def _typed(key: str, text: str, default):
+    """`text` as a value of `default`'s type (bools as true/false/1/0)."""
+    if isinstance(default, bool):
+        if text.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config arg {key}={text!r} must be true or false")
+        return text.strip().lower() in ("true", "1")
+    return type(default)(text.strip())
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict | None:
@@ -235,7 +239,7 @@ def set_from_strings(config: ml_collections.ConfigDict, items: Iterable[str]):
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
-        node[leaf] = type(node[leaf])(value)
+        node[leaf] = _typed(key, value, node[leaf])
     return config
 
 
