@@ -11,6 +11,8 @@ in seconds on 2 CPU cores.
     --config=configs/evolve.py:tpu             # a larger system for a TPU host
     --config=configs/evolve.py:expert_slots=4  # experts as components: a child may clone
                                                # one expert into a free slot of the MoE
+    --config.evolve.devices_per_child=4        # each child on 4 devices, its experts
+                                               # sharded over them (expert-parallel)
 
 Any field with --config.key=value, e.g. --config.evolve.generations=4.
 """
@@ -50,6 +52,7 @@ def get_config(arg: str | None = None):
             "adapter_size": 16,
             "baseline": args.baseline,
             "free_expert_slots": args.expert_slots,
+            "devices_per_child": 1,
         }
     )
     if args.tpu:

@@ -58,6 +58,7 @@ def settings_from_config(config):
         learning_rate=evolve.learning_rate,
         adapter_size=evolve.adapter_size,
         free_expert_slots=evolve.free_expert_slots,
+        devices_per_child=evolve.devices_per_child,
     )
 
 

@@ -132,6 +132,7 @@ def _fake_child(limit=99.0, spike=99.0, poison=99.0):
 
 def test_a_diverging_child_keeps_its_best_point_before_and_names_the_step():
     from multitask_moe.evolution import child as child_lib
+    from multitask_moe.evolution import together
 
     steps = _CountingSteps()
     zeros = np.zeros(1, np.float32)
@@ -153,7 +154,7 @@ def test_a_diverging_child_keeps_its_best_point_before_and_names_the_step():
     assert poisoned.state["w"][0] == 3
     # Together (one per device), validations at 2, 4, 6, 8.
     fakes = [_fake_child(limit=3.0), _fake_child(), _fake_child(poison=5.0)]
-    results = child_lib.train_together(
+    results = together.train(
         steps, fakes, [()] * 3, [{}] * 3, [batches] * 3,
         lambda: iter([{"x": zeros}]), num_steps=8, validations=4,
     )  # fmt: skip

@@ -141,6 +141,10 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     assert any(path[-2:] == ("router", "kernel") for path in copy.params)
     for path, value in origin.params.items():
         np.testing.assert_array_equal(copy.params[path], value)
+    if origin.opt_state:  # a trained origin (not the root's): the copy has its moments
+        assert copy.opt_state.keys() == origin.opt_state.keys()
+        for key, value in origin.opt_state.items():
+            np.testing.assert_array_equal(copy.opt_state[key], value)
     reused = [n for n, cid in named.items() if system.pool[cid].locks]
     assert reused and not any(trainable[n] for n in reused)
     arch = system.arch[child]
@@ -156,6 +160,10 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     system.train_child(child, trainable, num_steps=4)
     trained = system.pool[named["block1.expert4"]]
     assert any(not np.array_equal(trained.params[p], v) for p, v in origin.params.items())
+    # It keeps its own Adam moments: its slice of each expert leaf's, not the block's.
+    assert {path for _, path in trained.opt_state} == set(trained.params)
+    for (_, path), value in trained.opt_state.items():
+        assert value.shape == trained.params[path].shape
     np.testing.assert_array_equal(system.test_logits("iris"), logits)
     iris_state = path_model.flatten(system.state_of(parent)["model_state"])
     (active,) = [v for p, v in iris_state.items() if p[-1] == "active_experts"]
@@ -172,6 +180,75 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     np.testing.assert_array_equal(restored.test_logits("iris"), logits)
 
 
+def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_each():
+    """devices_per_child=4: a generation's two children train at once, each on its own 4
+    of the 8 devices with its MoE experts split over them (8 expert slots, 2 per device).
+    Against the same two children trained one per device (the stacked program, no expert
+    parallelism) on the same batches: equal qualities, losses, experts and validation
+    logits equal to float32 round-off, the locked leaves bit for bit; each child's experts
+    and their Adam moments sit on its own group, a quarter on each device."""
+    import jax
+
+    from multitask_moe.evolution import child as child_lib
+    from multitask_moe.evolution import together
+
+    changes = {"model.moe_every": 2, "evolve.free_expert_slots": 4, "evolve.steps": 6}
+    system = System(settings_from_config(tiny_config(**changes)))
+    by_shape: dict = {}
+    while not any(len(same) == 2 for same in by_shape.values()):  # two of one architecture
+        child, trainable = system.mutate(system.root, "iris")
+        by_shape.setdefault(system.arch[child].shapes, []).append((child, trainable))
+    (children,) = [same for same in by_shape.values() if len(same) == 2]
+    prepared = [system._prepare(child, trainable) for child, trainable in children]
+    steps = system.steps_for(system.arch[children[0][0]])
+    batches = [[next(p[3]) for _ in range(6)] for p in prepared]
+    validation = system._validation("iris")
+    results = {}
+    for per_child in (1, 4):
+        results[per_child] = together.train(
+            steps,
+            [p[0] for p in prepared],
+            [p[1] for p in prepared],
+            [p[2] for p in prepared],
+            [iter(b) for b in batches],
+            validation,
+            num_steps=6,
+            validations=2,
+            devices_per_child=per_child,
+        )
+    devices = jax.devices()
+    for c, (one, grouped) in enumerate(zip(results[1], results[4], strict=True)):
+        assert grouped.quality == one.quality
+        np.testing.assert_allclose(grouped.losses, one.losses, rtol=1e-5)
+        before = path_model.flatten(prepared[c][0]["params"])
+        mask = path_model.flatten(prepared[c][2]["params"])
+        after = path_model.flatten(grouped.state["params"])
+        expected = path_model.flatten(one.state["params"])
+        for path, value in after.items():
+            if not np.asarray(mask[path]).any():  # locked
+                np.testing.assert_array_equal(value, before[path])
+            elif path[-2:-1] == ("experts",):
+                np.testing.assert_allclose(value, expected[path], rtol=1e-4, atol=1e-6)
+        # All of it through its predictions: a leaf whose exact gradient is zero (a key
+        # bias) moves by Adam's normalized round-off, differently on each layout.
+        logits = [
+            child_lib.logits_of(steps, jax.device_get(t.state), validation())
+            for t in (grouped, one)
+        ]
+        np.testing.assert_allclose(*logits, rtol=1e-4, atol=1e-5)
+        group = set(devices[4 * c : 4 * (c + 1)])
+        expert_leaves = [v for p, v in after.items() if p[-2:-1] == ("experts",)]
+        moments = [
+            leaf
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(grouped.opt_state)[0]
+            if (key := child_lib.adam_moment_key(key_path)) and key[1][-2:-1] == ("experts",)
+        ]
+        assert len(expert_leaves) == 2 and len(moments) == 4  # w_in, w_out; mu, nu
+        for leaf in expert_leaves + moments:
+            assert leaf.sharding.device_set == group
+            assert {s.data.shape[0] for s in leaf.addressable_shards} == {8 // 4}
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -184,6 +261,16 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
         ({"evolve.learning_rate": 0.5}, "is not on its ladder"),
         ({"evolve.free_expert_slots": -1}, "free_expert_slots=-1 must be an int >= 0"),
         ({"evolve.free_expert_slots": 2}, "free_expert_slots=2 needs MoE blocks"),
+        ({"evolve.devices_per_child": 16}, "devices_per_child=16 must be an int in [1, 8]"),
+        ({"evolve.devices_per_child": 3}, "devices_per_child=3 does not divide the 8 devices"),
+        (
+            {"evolve.devices_per_child": 4, "batch_size": 18},
+            "devices_per_child=4 does not divide batch_size=18",
+        ),
+        (
+            {"evolve.devices_per_child": 8, "model.moe_every": 2},
+            "does not divide moe.num_experts + free_expert_slots=4",
+        ),
     ],
     ids=[
         "unknown task",
@@ -195,6 +282,10 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
         "ladder",
         "negative slots",
         "slots without MoE",
+        "more devices per child than devices",
+        "devices in uneven groups",
+        "batch over a child's devices",
+        "experts over a child's devices",
     ],  # fmt: skip
 )
 def test_bad_input_one_line_nothing_written(changes, message, tmp_path):

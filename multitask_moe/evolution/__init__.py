@@ -3,9 +3,10 @@
 Bookkeeping (independent of any model): components with locks (components.py), paths
 and their score (paths.py), parent sampling (sampling.py), mutations (mutation.py).
 On the project's model: a path's model from its components (path_model.py), training a
-child with its locked components frozen (child.py), the system that introduces tasks
-(system.py), its Orbax checkpoint (store.py) and its report (report.py). The command is
-`python -m multitask_moe.evolve`.
+child with its locked components frozen (child.py), a generation's children at once, one
+per device or expert-parallel on groups of devices (together.py), the system that
+introduces tasks (system.py), its Orbax checkpoint (store.py) and its report
+(report.py). The command is `python -m multitask_moe.evolve`.
 """
 
 from multitask_moe.evolution.components import Component, ComponentPool, LockedComponentError

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from multitask_moe.evolution import path_model
 from multitask_moe.train.step import AUX_LOSSES, LossSettings, aux_loss, weight_decay_mask
 
 
@@ -41,7 +42,7 @@ def with_learning_rate(opt_state, learning_rate: float):
     return clip, adamw._replace(hyperparams=hyperparams)
 
 
-def _select(mask, new, old):
+def select(mask, new, old):
     """new where the mask (a scalar, or per expert slot broadcast over the leaf) is True,
     else old (typed PRNG keys through their data)."""
     if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
@@ -103,9 +104,9 @@ class ChildSteps:
             )
             updates, opt_state = tx.update(grads, opt_state, state["params"])
             params = optax.apply_updates(state["params"], updates)
-            params = jax.tree.map(_select, trainable["params"], params, state["params"])
+            params = jax.tree.map(select, trainable["params"], params, state["params"])
             model_state = jax.tree.map(
-                _select, trainable["model_state"], model_state, state["model_state"]
+                select, trainable["model_state"], model_state, state["model_state"]
             )
             return {"params": params, "model_state": model_state}, opt_state, task
 
@@ -152,19 +153,6 @@ def logits_of(steps: ChildSteps, state, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _rows(keep, new, old):
-    """Per child (leading axis): new where keep[c], else old."""
-
-    def pick(n, o):
-        return _select(keep.reshape((-1,) + (1,) * (jnp.ndim(n) - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
-def _stack(trees, sharding):
-    return jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *trees), sharding)
-
-
 @dataclasses.dataclass
 class Trained:
     state: dict  # the parameters at the best validation
@@ -196,7 +184,7 @@ def train(
 ) -> Trained:
     """`num_steps` steps; validates `validations` times (evenly, the last at the end) and
     keeps the best point. A non-finite loss or parameter ends the child: it keeps its best
-    point before (quality 0 if it never validated), as a child of `train_together` does."""
+    point before (quality 0 if it never validated), as a child of together.train does."""
     every = max(num_steps // max(validations, 1), 1)
     best = Trained(state, opt_state, -1.0, [])
     losses = []
@@ -207,7 +195,7 @@ def train(
             # Every loss since the last validation, and the parameters: an update from
             # non-finite gradients spoils them while the loss it reports is still finite.
             finite_losses = np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all()
-            if not (finite_losses and bool(_finite_rows(state, None))):
+            if not (finite_losses and bool(finite_rows(state, None))):
                 history = [float(v) for v in losses]
                 quality = max(best.quality, 0.0)
                 diverged = first_nonfinite_step(history) or step
@@ -219,71 +207,18 @@ def train(
     return best
 
 
-def train_together(
-    steps: ChildSteps,
-    states: list[dict],
-    opt_states: list,
-    trainables: list[dict],
-    batches: list[Iterator[dict[str, np.ndarray]]],
-    validation: Callable[[], Iterator[dict[str, np.ndarray]]],
-    *,
-    num_steps: int,
-    validations: int,
-) -> list[Trained]:
-    """`train` for g children of one architecture at once: their states stacked on a
-    leading axis sharded over the first g devices (one child per device, as mu2Net), one
-    compiled program per (architecture, g). Each child keeps its own best point; a child
-    whose loss turns non-finite stops improving (quality 0 if it never validated)."""
-    count = len(states)
-    devices = jax.devices()
-    if count > len(devices):
-        raise ValueError(f"{count} children of one architecture; at most {len(devices)} devices")
-    mesh = jax.sharding.Mesh(
-        np.array(devices[:count]), ("child",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("child"))
-    state = _stack(states, sharding)
-    opt_state = _stack(opt_states, sharding)
-    trainable = _stack(trainables, sharding)
-    every = max(num_steps // max(validations, 1), 1)
-    best_state, best_opt = state, opt_state
-    best = np.full(count, -1.0)
-    failed = np.zeros(count, bool)
-    diverged = np.zeros(count, np.int64)  # the validation step that first saw it (0: none)
-    losses = []
-    for step in range(1, num_steps + 1):
-        batch = _stack([next(b) for b in batches], sharding)
-        state, opt_state, loss = steps.train_steps(state, opt_state, batch, trainable)
-        losses.append(loss)
-        if step % every == 0 or step == num_steps:
-            finite = np.isfinite(np.asarray(jnp.stack(losses[-every:]))).all(axis=0)
-            finite &= np.asarray(_finite_rows(state, count))
-            diverged = np.where(~finite & ~failed & (diverged == 0), step, diverged)
-            failed |= ~finite
-            correct, total = np.zeros(count), np.zeros(count)
-            for eval_batch in validation():
-                c, n, _ = steps.eval_steps(state, eval_batch)
-                correct, total = correct + np.asarray(c), total + np.asarray(n)
-            quality = correct / np.maximum(total, 1)
-            improved = (quality > best) & ~failed
-            keep = jax.device_put(improved, sharding)
-            best_state = _rows(keep, state, best_state)
-            best_opt = _rows(keep, opt_state, best_opt)
-            best = np.where(improved, quality, best)
-    history = np.asarray(jnp.stack(losses))  # [steps, g]
-    return [
-        Trained(
-            jax.tree.map(lambda x, c=c: x[c], best_state),
-            jax.tree.map(lambda x, c=c: x[c], best_opt),
-            float(max(best[c], 0.0)),
-            history[:, c].tolist(),
-            first_nonfinite_step(history[:, c].tolist()) or (int(diverged[c]) or None),
-        )
-        for c in range(count)
-    ]
+def adam_moment_key(key_path) -> tuple[str, tuple] | None:
+    """("mu" | "nu", parameter path) of an Adam moment leaf of `optimizer`'s state; None
+    for other leaves (the step count, the injected hyperparameters)."""
+    names = [getattr(k, "name", None) for k in key_path]
+    for slot in ("mu", "nu"):
+        if slot in names:
+            index = names.index(slot)
+            return slot, path_model.key_names(key_path[index + 1 :])
+    return None
 
 
-def _finite_rows(state, count: int | None):
+def finite_rows(state, count: int | None):
     """Whether every leaf of the state is finite: a bool, or bool [count] per leading row."""
     if count is None:
         return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(state)]))

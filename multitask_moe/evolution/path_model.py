@@ -146,6 +146,17 @@ def flatten(state: nnx.State) -> dict[Path, object]:
     return {tuple(_key(k) for k in path): leaf for path, leaf in leaves}
 
 
+def key_names(key_path) -> Path:
+    """A jax key path into an nnx.State (or an optimizer state over one) as the leaf's
+    path in the pure dict ("blocks", 1, ..., "kernel"): without the Variable's `.value`
+    attribute, which the pure dict, the Layout and the component pool do not have."""
+    return tuple(
+        _key(entry)
+        for entry in key_path
+        if not (isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value")
+    )
+
+
 def _key(entry) -> object:
     for attr in ("key", "idx", "name"):
         if hasattr(entry, attr):

@@ -138,7 +138,10 @@ def _deserialize(system: System, arrays: dict, meta: dict) -> None:
         opt = {}
         for key, value in stored.get("opt", {}).items():
             slot, _, path = key.partition(".")
-            opt[(slot, decode(path))] = np.asarray(value)
+            path = decode(path)
+            if path[-1:] == ("value",):  # written before moments were keyed like params
+                path = path[:-1]
+            opt[(slot, path)] = np.asarray(value)
         components.append(
             Component(
                 entry["id"],

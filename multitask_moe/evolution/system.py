@@ -28,7 +28,7 @@ from flax import nnx
 
 from multitask_moe import data
 from multitask_moe.evolution import child as child_lib
-from multitask_moe.evolution import mutation, path_model, sampling
+from multitask_moe.evolution import mutation, path_model, sampling, together
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path, accounted_params, check_size_scale, score
 
@@ -66,6 +66,10 @@ class Settings:
     # one component; more makes each expert a component that a child may clone alone
     # into a free slot (path_model.py).
     free_expert_slots: int = 0
+    # Devices each child trains on: 1 trains one child per device; n > 1 one child per
+    # group of n devices, over which its MoE layers run expert-parallel (its experts
+    # split n ways, its batch too), so a generation trains devices // n children at once.
+    devices_per_child: int = 1
     # The root path's hyperparameters, each on its ladder (LADDERS).
     mu: float = 0.2
     learning_rate: float = 3e-3
@@ -93,6 +97,33 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+        self._check_devices_per_child()
+
+    def _check_devices_per_child(self) -> None:
+        """devices_per_child divides what it splits: the devices into groups, a child's
+        experts (its slots) and its batches."""
+        n, devices = self.devices_per_child, jax.device_count()
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= devices:
+            raise ValueError(f"devices_per_child={n!r} must be an int in [1, {devices}] (devices)")
+        if n == 1:
+            return
+        if devices % n:
+            raise ValueError(
+                f"devices_per_child={n} does not divide the {devices} devices into groups"
+            )
+        sizes = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        if self.model.moe_every:
+            sizes["moe.num_experts + free_expert_slots"] = (
+                int(self.model.moe.num_experts) + self.free_expert_slots
+            )
+        if self.model.get("moa_every"):
+            sizes["moa.num_experts"] = int(self.model.moa.num_experts)
+        for name, size in sizes.items():
+            if size % n:
+                raise ValueError(
+                    f"devices_per_child={n} does not divide {name}={size}; a child splits "
+                    "its experts and its batches over its devices"
+                )
 
 
 class System:
@@ -112,6 +143,9 @@ class System:
         # component, possibly through this task's children), "reused" is decided per path.
         self.lineage: dict[int, str] = {}
         self._steps: dict[path_model.Architecture, tuple] = {}
+        # The train programs XLA has compiled: one per (architecture, children stacked)
+        # with a device per child, one per (architecture, device group) with several.
+        self._programs: set[tuple] = set()
         mixture = data.Mixture(
             list(settings.tasks),
             image_size=settings.image_size,
@@ -352,25 +386,31 @@ class System:
         self, children: list[tuple[int, Mapping[str, bool]]]
     ) -> list[tuple[float, int | None]]:
         """Trains a generation's children: those of one architecture together, one per
-        device (child.train_together); returns (quality, step its loss turned non-finite
-        or None) of each, in order."""
+        device or per group of `devices_per_child` devices (together.train); returns
+        (quality, step its loss turned non-finite or None) of each, in order."""
         groups: dict[path_model.Architecture, list[int]] = {}
         for index, (child_id, _) in enumerate(children):
             # Active expert slots are state: children that differ only there stack.
             groups.setdefault(self.arch[child_id].shapes, []).append(index)
-        devices = len(jax.devices())
+        per_child = self.settings.devices_per_child
+        at_once = len(jax.devices()) // per_child
         prepared = [self._prepare(child_id, trainable) for child_id, trainable in children]
         outcomes: list[tuple[float, int | None]] = [(0.0, None)] * len(children)
         for arch, members in groups.items():
             steps = self.steps_for(arch)
-            for start in range(0, len(members), devices):
-                chunk = members[start : start + devices]
-                results = child_lib.train_together(
+            for start in range(0, len(members), at_once):
+                chunk = members[start : start + at_once]
+                if per_child == 1:
+                    self._programs.add((arch, "stacked", len(chunk)))
+                else:
+                    self._programs.update((arch, "group", c) for c in range(len(chunk)))
+                results = together.train(
                     steps,
                     *([prepared[i][k] for i in chunk] for k in range(4)),
                     self._validation(self.paths[children[chunk[0]][0]].task),
                     num_steps=self.settings.steps,
                     validations=self.settings.validations,
+                    devices_per_child=per_child,
                 )
                 for index, result in zip(chunk, results, strict=True):
                     self._store(children[index][0], result)
@@ -390,7 +430,7 @@ class System:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
         out = []
         for key_path, leaf in leaves:
-            key = _opt_key(key_path)
+            key = child_lib.adam_moment_key(key_path)
             if key is None:
                 out.append(leaf)
                 continue
@@ -431,7 +471,7 @@ class System:
         seeds = [self.paths[self.best[t]] for t in self.best] + [self.paths[self.root]]
         population = [self.paths[i] for i in progress["population"]]
         start = time.perf_counter()
-        compiled_before = len(self._steps)
+        compiled_before = len(self._programs)
         # Parents are drawn from the population as it stood when the generation began;
         # then the children train together (mu2Net).
         planned = []
@@ -468,7 +508,7 @@ class System:
         record = {
             "generation": progress["generation"],
             "children": children,
-            "compiles": len(self._steps) - compiled_before,
+            "compiles": len(self._programs) - compiled_before,
             "seconds": time.perf_counter() - start,
         }
         progress["population"] = [p.id for p in population]
@@ -570,21 +610,11 @@ def new_progress(task_index: int) -> dict:
     return {"task_index": task_index, "generation": 0, "population": [], "generations": []}
 
 
-def _opt_key(key_path) -> tuple[str, tuple] | None:
-    """("mu" | "nu", parameter path) of an Adam moment leaf; None for other leaves."""
-    names = [getattr(k, "name", None) for k in key_path]
-    for slot in ("mu", "nu"):
-        if slot in names:
-            index = names.index(slot)
-            return slot, tuple(path_model._key(k) for k in key_path[index + 1 :])
-    return None
-
-
 def _opt_parts(opt_state) -> dict[tuple[str, tuple], np.ndarray]:
     """{(slot, parameter path): array} of the Adam moments in `opt_state`."""
     out = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        key = _opt_key(key_path)
+        key = child_lib.adam_moment_key(key_path)
         if key is not None:
             out[key] = np.array(leaf, copy=True)
     return out
