@@ -110,6 +110,28 @@ def test_checkpoint_round_trip(grown, tmp_path):
     assert restored.rng.random() == system.rng.random()
 
 
+def test_a_checkpoint_with_moments_keyed_by_the_variables_value_restores(grown, tmp_path):
+    """Older system checkpoints hold the Adam moments under the nnx Variable's `.value`
+    path; they restore keyed like the parameters."""
+    system, *_ = grown
+    moments = {c.id: c.opt_state for c in system.pool if c.opt_state}
+    assert moments and all(
+        path in system.pool[cid].params for cid, opt in moments.items() for _, path in opt
+    )
+    try:
+        for cid, opt in moments.items():
+            system.pool[cid].opt_state = {(s, (*p, "value")): v for (s, p), v in opt.items()}
+        checkpoints = SystemCheckpoints(str(tmp_path / "system"))
+        checkpoints.save(1, system)
+    finally:
+        for cid, opt in moments.items():
+            system.pool[cid].opt_state = opt
+    restored = checkpoints.restore(system.settings)
+    checkpoints.close()
+    for cid, opt in moments.items():
+        assert restored.pool[cid].opt_state.keys() == opt.keys()
+
+
 def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_sees_it(
     tmp_path,
 ):
