@@ -9,7 +9,9 @@ step ratio  a child step (frozen mask and learning rate as inputs, selects that 
             its components locked; median of per-pair ratios over --runs interleaved
             runs of --steps steps (target <= 1.3)
 generation  compiles and seconds of each generation of configs/evolve.py on its first
-            --tasks tasks (from the run's own records)
+            --tasks tasks (from the run's own records), on the command's devices (8
+            simulated CPU devices); --set evolve.devices_per_child=4 trains each child
+            expert-parallel on a group of 4
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ def main() -> None:
 
     from multitask_moe.evolution import System, child, path_model
     from multitask_moe.evolve import settings_from_config
-    from multitask_moe.train import config_lib
+    from multitask_moe.train import config_lib, runtime
     from multitask_moe.train.state import make_optimizer
     from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_train_step
 
     logging.set_verbosity(logging.WARNING)
     config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve")
     config_lib.set_from_strings(config, args.set)
+    runtime.configure_jax(config)  # the command's 8 CPU devices, before JAX starts
     tasks = [t.strip() for t in config.evolve.tasks.split(",")][: args.tasks]
     config.evolve.tasks = ", ".join(tasks)
     settings = settings_from_config(config)

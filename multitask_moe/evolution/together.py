@@ -134,17 +134,21 @@ class _Grouped:
         return losses
 
     def finite(self) -> np.ndarray:
-        return np.array([bool(child.finite_rows(state, None)) for state in self.state])
+        checks = [child.finite_rows(state, None) for state in self.state]  # all dispatched
+        return np.array([bool(check) for check in checks])
 
     def evaluate(self, batches) -> tuple[np.ndarray, np.ndarray]:
-        correct, total = np.zeros(self.count), np.zeros(self.count)
+        counts = []  # every group's counts dispatched before any is read
         for batch in batches:
             for c, mesh in enumerate(self.meshes):
                 placed = jax.device_put(batch, parallel.batch_sharding(mesh))
                 with jax.set_mesh(mesh):
                     right, n, _ = self.steps.eval_step(self.state[c], placed)
-                correct[c] += int(right)
-                total[c] += int(n)
+                counts.append((c, right, n))
+        correct, total = np.zeros(self.count), np.zeros(self.count)
+        for c, right, n in counts:
+            correct[c] += int(right)
+            total[c] += int(n)
         return correct, total
 
     def keep(self, improved: np.ndarray) -> None:
