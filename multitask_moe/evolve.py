@@ -7,9 +7,11 @@ command resumes a killed run from its last generation. At the end it prints a pe
 table and writes W/system.png (tasks x components). With --config.evolve.baseline=True
 each task is also fine-tuned from the root as a full copy, for comparison.
 
-Bad input (an unknown task, s outside (0, 1], mu outside [0, 1], an empty task list, a
+Bad input (an unknown task, s outside (0, 1], mu outside [0, 1], an empty task list,
+devices_per_child that does not divide the devices, the batches or the experts, a
 workdir made by a different config) prints one `error:` line, exits with status 2 and
-writes nothing.
+writes nothing. Where children compute (evolve.devices_per_child) may change on a
+resume.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the evolving syste
 
 SYSTEM_DIR = "system"
 SUMMARY_FILE = "evolution.json"
+# Where children compute, not what the system is: a resumed run may change them.
+PLACEMENT_FIELDS = ("evolve.devices_per_child",)
+# Fields newer than some workdirs, and what a workdir without them ran.
+ADDED_FIELDS = {"evolve.free_expert_slots": 0, "evolve.devices_per_child": 1}
 
 
 def settings_from_config(config):
@@ -77,7 +83,9 @@ def evolve(config, workdir: str) -> dict:
     settings.check()
     before = config_lib.read_config(workdir) if tf.io.gfile.isdir(workdir) else None
     if before is not None:
-        changed = config_lib.changed_fields(before, config)
+        changed = config_lib.changed_fields(
+            before, config, ignore=PLACEMENT_FIELDS, added=ADDED_FIELDS
+        )
         if changed:
             raise ValueError(
                 f"workdir {workdir} was made by a different config ({', '.join(changed[:4])}"

@@ -112,15 +112,18 @@ def test_checkpoint_round_trip(grown, tmp_path):
 
 def test_a_checkpoint_with_moments_keyed_by_the_variables_value_restores(grown, tmp_path):
     """Older system checkpoints hold the Adam moments under the nnx Variable's `.value`
-    path; they restore keyed like the parameters."""
+    path, and with expert slots a block held moments of leaves it does not own; they
+    restore keyed like the parameters, each component with its own."""
     system, *_ = grown
     moments = {c.id: c.opt_state for c in system.pool if c.opt_state}
     assert moments and all(
         path in system.pool[cid].params for cid, opt in moments.items() for _, path in opt
     )
+    stray = np.zeros(3, np.float32)
     try:
         for cid, opt in moments.items():
-            system.pool[cid].opt_state = {(s, (*p, "value")): v for (s, p), v in opt.items()}
+            old = {(s, (*p, "value")): v for (s, p), v in opt.items()}
+            system.pool[cid].opt_state = {**old, ("mu", ("not", "its", "leaf")): stray}
         checkpoints = SystemCheckpoints(str(tmp_path / "system"))
         checkpoints.save(1, system)
     finally:
@@ -142,6 +145,8 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     their bits, and the first task, which has no such slot, keeps its logits bit for bit;
     the system checkpoint round-trips the slots."""
     import jax
+
+    from multitask_moe.evolution import child as child_lib
 
     changes = {"model.moe_every": 2, "evolve.free_expert_slots": 2}
     system = System(settings_from_config(tiny_config(**changes)))
@@ -186,6 +191,24 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     assert {path for _, path in trained.opt_state} == set(trained.params)
     for (_, path), value in trained.opt_state.items():
         assert value.shape == trained.params[path].shape
+    # A child of that path clones the copy (its parent still trains it), moments and all,
+    # and starts training with them in slot 4 of the layer's moments.
+    for _ in range(60):
+        grandchild, grand_trainable = system.mutate(child, "wine")
+        if "block1.expert4" in system.named_components(grandchild):
+            break
+    inherited = system.pool[system.named_components(grandchild)["block1.expert4"]]
+    assert inherited.origin == trained.id
+    state, opt_state, _, _ = system._prepare(grandchild, grand_trainable)
+    slot_axes = path_model.Layout.of(system.arch[grandchild], state).axes
+    moments = {
+        key: np.asarray(leaf)
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+        if (key := child_lib.adam_moment_key(key_path)) in trained.opt_state
+    }
+    assert moments.keys() == trained.opt_state.keys()
+    for key, value in trained.opt_state.items():
+        np.testing.assert_array_equal(np.take(moments[key], 4, axis=slot_axes[key[1]]), value)
     np.testing.assert_array_equal(system.test_logits("iris"), logits)
     iris_state = path_model.flatten(system.state_of(parent)["model_state"])
     (active,) = [v for p, v in iris_state.items() if p[-1] == "active_experts"]
@@ -211,8 +234,10 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
     and their Adam moments sit on its own group, a quarter on each device."""
     import jax
 
+    from multitask_moe import parallel
     from multitask_moe.evolution import child as child_lib
     from multitask_moe.evolution import together
+    from multitask_moe.parallel import hlo
 
     changes = {"model.moe_every": 2, "evolve.free_expert_slots": 4, "evolve.steps": 6}
     system = System(settings_from_config(tiny_config(**changes)))
@@ -269,6 +294,23 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
         for leaf in expert_leaves + moments:
             assert leaf.sharding.device_set == group
             assert {s.data.shape[0] for s in leaf.addressable_shards} == {8 // 4}
+    # The layers ran their shard_map over the group: the compiled step exchanges tokens.
+    mesh = parallel.make_mesh({"expert": 4}, devices[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    state, opt_state, mask, _ = prepared[0]
+    placement = together.expert_shardings(mesh, state, opt_state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):
+        text = (
+            steps.train_step.lower(
+                jax.device_put(state, placement[0]),
+                jax.device_put(opt_state, placement[1]),
+                jax.device_put(batches[0][0], parallel.batch_sharding(mesh)),
+                jax.device_put(mask, replicated),
+            )
+            .compile()
+            .as_text()
+        )
+    assert "shard_map" in text and sum(hlo.collective_counts(text).values()) > 0
 
 
 @pytest.mark.parametrize(
@@ -283,7 +325,8 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
         ({"evolve.learning_rate": 0.5}, "is not on its ladder"),
         ({"evolve.free_expert_slots": -1}, "free_expert_slots=-1 must be an int >= 0"),
         ({"evolve.free_expert_slots": 2}, "free_expert_slots=2 needs MoE blocks"),
-        ({"evolve.devices_per_child": 16}, "devices_per_child=16 must be an int in [1, 8]"),
+        ({"evolve.devices_per_child": 16}, "devices_per_child=16 must be in [1, 8]"),
+        ({"evolve.devices_per_child": 0}, "devices_per_child=0 must be an int >= 1"),
         ({"evolve.devices_per_child": 3}, "devices_per_child=3 does not divide the 8 devices"),
         (
             {"evolve.devices_per_child": 4, "batch_size": 18},
@@ -292,6 +335,10 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
         (
             {"evolve.devices_per_child": 8, "model.moe_every": 2},
             "does not divide moe.num_experts + free_expert_slots=4",
+        ),
+        (
+            {"evolve.devices_per_child": 4, "model.moa_every": 2, "model.moa.num_experts": 6},
+            "devices_per_child=4 does not divide moa.num_experts=6",
         ),
     ],
     ids=[
@@ -305,9 +352,11 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
         "negative slots",
         "slots without MoE",
         "more devices per child than devices",
+        "zero devices per child",
         "devices in uneven groups",
         "batch over a child's devices",
         "experts over a child's devices",
+        "MoA experts over a child's devices",
     ],  # fmt: skip
 )
 def test_bad_input_one_line_nothing_written(changes, message, tmp_path):
@@ -329,6 +378,24 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
     ):
         evolve(tiny_config(**{"evolve.steps": 13}), str(workdir))
     assert sorted(os.listdir(workdir)) == before
+
+
+def test_a_workdir_without_the_newer_fields_or_on_other_devices_is_the_same_config():
+    """A workdir written before evolve.free_expert_slots and evolve.devices_per_child
+    existed ran with 0 and 1; where children compute may change on a resume."""
+    from multitask_moe.evolve import ADDED_FIELDS, PLACEMENT_FIELDS
+
+    old = tiny_config()
+    with old.unlocked():
+        del old.evolve["free_expert_slots"], old.evolve["devices_per_child"]
+
+    def changes(**now):
+        return config_lib.changed_fields(
+            old, tiny_config(**now), ignore=PLACEMENT_FIELDS, added=ADDED_FIELDS
+        )
+
+    assert changes() == changes(**{"evolve.devices_per_child": 2}) == []
+    assert changes(**{"evolve.free_expert_slots": 2}) == ["evolve.free_expert_slots: 0 -> 2"]
 
 
 def _command(workdir, *extra):

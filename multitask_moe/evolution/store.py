@@ -135,18 +135,21 @@ def _deserialize(system: System, arrays: dict, meta: dict) -> None:
         def leaves(kind, stored=stored):
             return {decode(k): np.asarray(v) for k, v in stored.get(kind, {}).items()}
 
-        opt = {}
+        params, opt = leaves("params"), {}
         for key, value in stored.get("opt", {}).items():
             slot, _, path = key.partition(".")
             path = decode(path)
-            if path[-1:] == ("value",):  # written before moments were keyed like params
+            # Older checkpoints keyed moments by the nnx Variable's `.value` and, with
+            # expert slots, gave a block every expert's moments: keep a component's own.
+            if path[-1:] == ("value",):
                 path = path[:-1]
-            opt[(slot, path)] = np.asarray(value)
+            if path in params:
+                opt[(slot, path)] = np.asarray(value)
         components.append(
             Component(
                 entry["id"],
                 entry["name"],
-                leaves("params"),
+                params,
                 opt or None,
                 frozenset(entry["locks"]),
                 entry["origin"],

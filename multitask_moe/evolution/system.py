@@ -67,8 +67,9 @@ class Settings:
     # into a free slot (path_model.py).
     free_expert_slots: int = 0
     # Devices each child trains on: 1 trains one child per device; n > 1 one child per
-    # group of n devices, over which its MoE layers run expert-parallel (its experts
-    # split n ways, its batch too), so a generation trains devices // n children at once.
+    # group of n devices, over which its MoE and MoA layers run expert-parallel (experts
+    # split n ways, the batch too; a dense model is data-parallel there), so a generation
+    # trains devices // n children at once.
     devices_per_child: int = 1
     # The root path's hyperparameters, each on its ladder (LADDERS).
     mu: float = 0.2
@@ -102,11 +103,14 @@ class Settings:
     def _check_devices_per_child(self) -> None:
         """devices_per_child divides what it splits: the devices into groups, a child's
         experts (its slots) and its batches."""
-        n, devices = self.devices_per_child, jax.device_count()
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= devices:
-            raise ValueError(f"devices_per_child={n!r} must be an int in [1, {devices}] (devices)")
-        if n == 1:
+        n = self.devices_per_child
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"devices_per_child={n!r} must be an int >= 1")
+        if n == 1:  # nothing to split; and JAX need not start for a check
             return
+        devices = jax.device_count()
+        if n > devices:
+            raise ValueError(f"devices_per_child={n} must be in [1, {devices}] (devices)")
         if devices % n:
             raise ValueError(
                 f"devices_per_child={n} does not divide the {devices} devices into groups"
@@ -143,8 +147,9 @@ class System:
         # component, possibly through this task's children), "reused" is decided per path.
         self.lineage: dict[int, str] = {}
         self._steps: dict[path_model.Architecture, tuple] = {}
-        # The train programs XLA has compiled: one per (architecture, children stacked)
-        # with a device per child, one per (architecture, device group) with several.
+        # The train programs the generations needed, each compiled once (with its eval
+        # program): one per (architecture, children stacked) with a device per child,
+        # one per (architecture, device group) with several.
         self._programs: set[tuple] = set()
         mixture = data.Mixture(
             list(settings.tasks),

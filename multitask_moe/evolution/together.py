@@ -1,6 +1,6 @@
 """Training a generation's children at once (mu2Net): those of one architecture, either
 stacked one per device in one vmapped program, or each on its own group of devices with
-its MoE layers expert-parallel over the group.
+its sparse (MoE, MoA) layers expert-parallel over the group.
 
     results = together.train(steps, states, opt_states, masks, batches, validation,
                              num_steps=..., validations=..., devices_per_child=1)
@@ -35,6 +35,11 @@ def _rows(keep, new, old):
 
 def _stack(trees, sharding):
     return jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *trees), sharding)
+
+
+# A runner holds g children on the devices: step() trains each one step and gives their
+# losses, finite() and evaluate() measure each, keep() makes the current point the best
+# one of the children named, best(c) gives child c's best (state, opt_state).
 
 
 class _Stacked:
@@ -83,13 +88,15 @@ class _Stacked:
         self.best_opt = _rows(keep, self.opt_state, self.best_opt)
 
     def best(self, c: int) -> tuple[dict, object]:
-        pick = lambda x: x[c]  # noqa: E731
+        def pick(x):
+            return x[c]
+
         return jax.tree.map(pick, self.best_state), jax.tree.map(pick, self.best_opt)
 
 
 class _Grouped:
     """g children, each on its own group of n devices whose mesh has an 'expert' axis: the
-    MoE layers of a child run expert-parallel there (parallel/expert_parallel.py), its
+    sparse layers of a child run expert-parallel there (parallel/expert_parallel.py), its
     experts split n ways, its batches too. Child c holds devices [c * n, (c + 1) * n).
     The children's steps are dispatched one after another without waiting, so the groups
     compute at the same time (asynchronous dispatch, as mu2Net). All children run one
@@ -134,7 +141,8 @@ class _Grouped:
         return losses
 
     def finite(self) -> np.ndarray:
-        checks = [child.finite_rows(state, None) for state in self.state]  # all dispatched
+        # Every group's check is dispatched before any result is read: the groups overlap.
+        checks = [child.finite_rows(state, None) for state in self.state]
         return np.array([bool(check) for check in checks])
 
     def evaluate(self, batches) -> tuple[np.ndarray, np.ndarray]:
@@ -164,36 +172,41 @@ def _replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 
 def expert_shardings(mesh: jax.sharding.Mesh, state: Mapping[str, nnx.State], opt_state):
-    """Shardings of a child's state and opt_state on its group's mesh: a leaf with an
-    expert axis (its `expert_axis` tag) split over 'expert', so each device holds its own
-    experts (their Adam moments alike); everything else replicated."""
+    """Shardings of a child's state and opt_state on its group's mesh, as training places
+    a model: a parameter with an expert axis (its `expert_axis` tag: an MoE or MoA
+    layer's per-expert weights) split over 'expert', and its Adam moments alike, so each
+    device holds its own experts; everything else, statistics included, replicated.
+    Raises ValueError when the experts do not split evenly over the group."""
     size = mesh.shape[parallel.EXPERT_AXIS]
-    axes = {}
-    for kind in ("params", "model_state"):
-        for path, tags in axis_tags(state[kind]).items():
-            if tags.get("expert_axis") is not None:
-                axes[(kind, path_model.key_names(path))] = tags["expert_axis"]
+    axes = {
+        path_model.key_names(path): tags["expert_axis"]
+        for path, tags in axis_tags(state["params"]).items()
+        if tags.get("expert_axis") is not None
+    }
 
-    def spec(kind: str, path: tuple, leaf) -> jax.sharding.NamedSharding:
-        axis, shape = axes.get((kind, path)), np.shape(leaf)
-        if axis is None or axis >= len(shape) or shape[axis] % size:
+    def spec(path: tuple, leaf) -> jax.sharding.NamedSharding:
+        axis = axes.get(path)
+        if axis is None:
             return _replicated(mesh)
+        if np.shape(leaf)[axis] % size:
+            raise ValueError(
+                f"{'.'.join(map(str, path))} holds {np.shape(leaf)[axis]} experts; they do "
+                f"not split over a group of {size} devices"
+            )
         parts = [None] * axis + [parallel.EXPERT_AXIS]
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*parts))
 
-    states = {
-        kind: jax.tree_util.tree_map_with_path(
-            lambda key_path, leaf, kind=kind: spec(kind, path_model.key_names(key_path), leaf),
-            state[kind],
-        )
-        for kind in ("params", "model_state")
-    }
+    params = jax.tree_util.tree_map_with_path(
+        lambda key_path, leaf: spec(path_model.key_names(key_path), leaf), state["params"]
+    )
+    statistics = jax.tree.map(lambda _: _replicated(mesh), state["model_state"])
 
-    def opt_spec(key_path, leaf):
+    def moment_spec(key_path, leaf):
         key = child.adam_moment_key(key_path)
-        return spec("params", key[1], leaf) if key else _replicated(mesh)
+        return spec(key[1], leaf) if key else _replicated(mesh)
 
-    return states, jax.tree_util.tree_map_with_path(opt_spec, opt_state)
+    shardings = {"params": params, "model_state": statistics}
+    return shardings, jax.tree_util.tree_map_with_path(moment_spec, opt_state)
 
 
 def train(
@@ -208,9 +221,9 @@ def train(
     validations: int,
     devices_per_child: int = 1,
 ) -> list[child.Trained]:
-    """`train` for g children of one architecture at once: one per device (stacked, one
-    program), or one per group of `devices_per_child` devices with its MoE layers
-    expert-parallel over the group. Each child keeps its own best point; a child whose
+    """child.train for g children of one architecture at once: one per device (stacked,
+    one program), or one per group of `devices_per_child` devices with its sparse (MoE,
+    MoA) layers expert-parallel over the group. Each child keeps its own best point; a child whose
     loss or parameters turn non-finite stops improving (quality 0 if it never validated)."""
     if devices_per_child == 1:
         runner = _Stacked(steps, states, opt_states, trainables)

@@ -244,14 +244,23 @@ def set_from_strings(config: ml_collections.ConfigDict, items: Iterable[str]):
 
 
 def changed_fields(
-    before: ml_collections.ConfigDict, after: ml_collections.ConfigDict
+    before: ml_collections.ConfigDict,
+    after: ml_collections.ConfigDict,
+    *,
+    ignore: tuple[str, ...] = (),
+    added: Mapping[str, object] | None = None,
 ) -> list[str]:
-    """["key: old -> new", ...] for every field (dotted) whose value differs."""
-    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    """["key: old -> new", ...] for every field (dotted) whose value differs.
+
+    ignore: fields that may differ (e.g. where a run computes, not what it computes).
+    added: {field: value} for fields newer than `before`'s code: absent there, `before`
+      meant this value (what that code did).
+    """
+    old, new = {**(added or {}), **_flat(before.to_dict())}, _flat(after.to_dict())
     return [
         f"{key}: {old.get(key, 'absent')!r} -> {new.get(key, 'absent')!r}"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
+        if old.get(key) != new.get(key) and key not in ignore
     ]
 
 
