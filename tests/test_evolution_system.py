@@ -313,6 +313,30 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
     assert "shard_map" in text and sum(hlo.collective_counts(text).values()) > 0
 
 
+@pytest.mark.slow  # a generation of three children, then a second, on device groups
+def test_generations_on_device_groups_compile_a_program_per_architecture_and_group():
+    """devices_per_child=4 on 8 devices: two children at a time. A generation's record
+    counts one compiled program per (architecture, group) it used first; a later
+    generation of the same architectures compiles nothing new."""
+    changes = {
+        "model.moe_every": 2,
+        "evolve.devices_per_child": 4,
+        "evolve.children": 3,
+        "evolve.steps": 4,
+    }
+    system = System(settings_from_config(tiny_config(**changes)))
+    seen = set()
+    for _ in range(2):
+        record = system.run_generation("iris")
+        shapes = [system.arch[c["path"]].shapes for c in record["children"]]
+        used = {(a, group) for a in set(shapes) for group in range(min(shapes.count(a), 2))}
+        assert record["compiles"] == len(used - seen)
+        assert all(0 <= c["quality"] <= 1 for c in record["children"])
+        seen |= used
+    system.finish_task("iris")
+    assert 0 < system.records["iris"]["test_accuracy_when_added"] <= 1
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
