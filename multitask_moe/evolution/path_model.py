@@ -143,7 +143,7 @@ def flatten(state: nnx.State) -> dict[Path, object]:
     """nnx.State -> {leaf path: value} of its pure dict (list indices as ints)."""
     pure = nnx.to_pure_dict(state)
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
-    return {tuple(_key(k) for k in path): leaf for path, leaf in leaves}
+    return {key_names(path): leaf for path, leaf in leaves}
 
 
 def key_names(key_path) -> Path:
@@ -200,7 +200,7 @@ class Layout:
         axes = {}
         for kind in ("params", "model_state"):
             for path, tags in axis_tags(state[kind]).items():
-                path = tuple(_key(k) for k in path)
+                path = key_names(path)
                 axis = tags.get("expert_axis", tags.get("route_axis"))
                 if axis is not None and any(path[: len(p)] == p for p in layers):
                     axes[path] = axis
@@ -306,9 +306,7 @@ def leaf_trainable(
     out = {}
     for kind in ("params", "model_state"):
         out[kind] = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: layout.trainable_mask(
-                tuple(_key(k) for k in path), np.shape(leaf), trainable
-            ),
+            lambda path, leaf: layout.trainable_mask(key_names(path), np.shape(leaf), trainable),
             nnx.to_pure_dict(fresh[kind]),
         )
     return out

@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from multitask_moe.evolution.components import Component, ComponentPool
 from multitask_moe.evolution.path_model import Architecture
 from multitask_moe.evolution.paths import Path
-from multitask_moe.evolution.system import Settings, System
+from multitask_moe.evolution.settings import Settings
+from multitask_moe.evolution.system import System
 
 
 def encode(path: tuple) -> str:

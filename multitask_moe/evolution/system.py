@@ -22,112 +22,19 @@ import time
 from collections.abc import Mapping
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from multitask_moe import data
 from multitask_moe.evolution import child as child_lib
-from multitask_moe.evolution import mutation, path_model, sampling, together
+from multitask_moe.evolution import mutation, path_model, pool_state, sampling, together
 from multitask_moe.evolution.components import ComponentPool
-from multitask_moe.evolution.paths import Path, accounted_params, check_size_scale, score
+from multitask_moe.evolution.paths import Path, accounted_params, score
+from multitask_moe.evolution.settings import LADDERS, Settings
 
 logger = logging.getLogger(__name__)
 
 ROOT_TASK = "root"
-# Ordered ladders of the mutable hyperparameters (one rung per mutation).
-LADDERS = {
-    "mu": mutation.MU_LADDER,
-    "learning_rate": (3e-4, 1e-3, 3e-3, 1e-2),
-    "adapter_size": (8, 16, 32, 64),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """An evolution run (configs/evolve.py builds one from a config)."""
-
-    tasks: tuple[str, ...]
-    model: ml_collections.ConfigDict  # the model section of a training config (the root)
-    generations: int = 2
-    children: int = 2  # per generation
-    steps: int = 100  # train steps per child
-    validations: int = 4  # per child; the best one counts
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    size_scale: float = 1.0  # s in q * s ** (P / P_root)
-    weight_decay: float = 1e-4
-    aux_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    image_size: int = 8
-    patch_size: int = 2
-    data_dir: str | None = None
-    seed: int = 0
-    # Free expert slots of every MoE block beyond the root's experts: 0 keeps an MoE block
-    # one component; more makes each expert a component that a child may clone alone
-    # into a free slot (path_model.py).
-    free_expert_slots: int = 0
-    # Devices each child trains on: 1 trains one child per device; n > 1 one child per
-    # group of n devices, over which its MoE and MoA layers run expert-parallel (experts
-    # split n ways, the batch too; a dense model is data-parallel there), so a generation
-    # trains devices // n children at once.
-    devices_per_child: int = 1
-    # The root path's hyperparameters, each on its ladder (LADDERS).
-    mu: float = 0.2
-    learning_rate: float = 3e-3
-    adapter_size: int = 16
-
-    def check(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks is empty; give at least one task to introduce")
-        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
-        if repeated:
-            raise ValueError(f"tasks {repeated} appear twice; each task is introduced once")
-        check_size_scale(self.size_scale)
-        if not 0 <= self.mu <= 1:
-            raise ValueError(f"mu={self.mu} must be in [0, 1] (a mutation probability)")
-        for name in LADDERS:
-            mutation.check_ladder(name, getattr(self, name), LADDERS[name])
-        slots = self.free_expert_slots
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
-            raise ValueError(f"free_expert_slots={slots!r} must be an int >= 0")
-        if slots and not self.model.moe_every:
-            raise ValueError(
-                f"free_expert_slots={slots} needs MoE blocks; this model has none (moe_every=0)"
-            )
-        for name in ("generations", "children", "steps", "validations", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        self._check_devices_per_child()
-
-    def _check_devices_per_child(self) -> None:
-        """devices_per_child divides what it splits: the devices into groups, a child's
-        experts (its slots) and its batches."""
-        n = self.devices_per_child
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"devices_per_child={n!r} must be an int >= 1")
-        if n == 1:  # nothing to split; and JAX need not start for a check
-            return
-        devices = jax.device_count()
-        if n > devices:
-            raise ValueError(f"devices_per_child={n} must be in [1, {devices}] (devices)")
-        if devices % n:
-            raise ValueError(
-                f"devices_per_child={n} does not divide the {devices} devices into groups"
-            )
-        sizes = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
-        if self.model.moe_every:
-            sizes["moe.num_experts + free_expert_slots"] = (
-                int(self.model.moe.num_experts) + self.free_expert_slots
-            )
-        if self.model.get("moa_every"):
-            sizes["moa.num_experts"] = int(self.model.moa.num_experts)
-        for name, size in sizes.items():
-            if size % n:
-                raise ValueError(
-                    f"devices_per_child={n} does not divide {name}={size}; a child splits "
-                    "its experts and its batches over its devices"
-                )
 
 
 class System:
@@ -227,12 +134,7 @@ class System:
         """The path's model state assembled from its components."""
         arch = self.arch[path_id]
         _, fresh = path_model.build(self.settings.model, arch, self.token_shape, 0)
-        names = arch.component_names()
-        parts = {
-            name: path_model.Values(self.pool[cid].params, self.pool[cid].statistics)
-            for name, cid in zip(names, self.paths[path_id].components, strict=True)
-        }
-        return path_model.assemble(fresh, parts, arch)
+        return pool_state.assemble(self.pool, self.paths[path_id], arch, fresh)
 
     def mixture(self, task: str) -> data.Mixture:
         if task not in self._mixtures:
@@ -342,7 +244,7 @@ class System:
         opt_state = child_lib.with_learning_rate(
             steps.tx.init(state["params"]), path.hparams["learning_rate"]
         )
-        opt_state = self._inherit_opt_state(opt_state, path, arch, state)
+        opt_state = pool_state.inherit_moments(self.pool, path, arch, state, opt_state)
         batches = self.mixture(path.task).iterator(
             "train", batch_size=self.settings.batch_size, seed=int(self.rng.integers(2**31))
         )
@@ -352,19 +254,6 @@ class System:
         """A function giving a fresh pass over the task's `split` batches."""
         mixture, size = self.mixture(task), self.settings.eval_batch_size
         return lambda: (b for _, b in mixture.eval_batches(split, batch_size=size))
-
-    def _store(self, child_id: int, trained: child_lib.Trained) -> None:
-        """The trained values of the child's unlocked components go into the pool."""
-        path, arch = self.paths[child_id], self.arch[child_id]
-        parts = path_model.split(trained.state, arch)
-        layout = path_model.Layout.of(arch, trained.state)
-        opt: dict[str, dict] = {}
-        for (slot, leaf_path), value in _opt_parts(trained.opt_state).items():
-            for name, piece in layout.pieces(leaf_path, value):
-                opt.setdefault(name, {})[(slot, leaf_path)] = piece
-        for name, cid in zip(arch.component_names(), path.components, strict=True):
-            if self.pool[cid].trainable:
-                self.pool.update(cid, parts[name].params, opt.get(name), parts[name].statistics)
 
     def train_child(
         self, child_id: int, trainable: Mapping[str, bool], num_steps: int | None = None
@@ -383,7 +272,7 @@ class System:
             num_steps=num_steps or self.settings.steps,
             validations=self.settings.validations,
         )
-        self._store(child_id, result)
+        pool_state.store(self.pool, self.paths[child_id], self.arch[child_id], result)
         _warn_if_diverged(self.paths[child_id].task, child_id, result.diverged_at, result.quality)
         return result.quality
 
@@ -405,10 +294,9 @@ class System:
             steps = self.steps_for(arch)
             for start in range(0, len(members), at_once):
                 chunk = members[start : start + at_once]
-                if per_child == 1:
-                    self._programs.add((arch, "stacked", len(chunk)))
-                else:
-                    self._programs.update((arch, "group", c) for c in range(len(chunk)))
+                self._programs.update(
+                    (arch, *program) for program in together.programs(len(chunk), per_child)
+                )
                 results = together.train(
                     steps,
                     *([prepared[i][k] for i in chunk] for k in range(4)),
@@ -418,32 +306,10 @@ class System:
                     devices_per_child=per_child,
                 )
                 for index, result in zip(chunk, results, strict=True):
-                    self._store(children[index][0], result)
+                    child_id = children[index][0]
+                    pool_state.store(self.pool, self.paths[child_id], self.arch[child_id], result)
                     outcomes[index] = (result.quality, result.diverged_at)
         return outcomes
-
-    def _inherit_opt_state(self, opt_state, path: Path, arch, state):
-        """Moment estimates of cloned components (mu2Net: a clone keeps its optimizer state)."""
-        stored = {}
-        for name, cid in zip(arch.component_names(), path.components, strict=True):
-            component = self.pool[cid]
-            if component.trainable and component.opt_state:
-                stored[name] = component.opt_state
-        if not stored:
-            return opt_state
-        layout = path_model.Layout.of(arch, state)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
-        out = []
-        for key_path, leaf in leaves:
-            key = child_lib.adam_moment_key(key_path)
-            if key is None:
-                out.append(leaf)
-                continue
-            value = layout.joined(
-                key[1], np.asarray(leaf), lambda name, key=key: stored.get(name, {}).get(key)
-            )
-            out.append(leaf if value.shape != leaf.shape else jax.numpy.asarray(value, leaf.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
 
     # -- tasks and generations ------------------------------------------------------------
 
@@ -613,13 +479,3 @@ def new_progress(task_index: int) -> dict:
     """Where the run stands: the task being introduced, its next generation, its
     population (path ids) and the records of its finished generations."""
     return {"task_index": task_index, "generation": 0, "population": [], "generations": []}
-
-
-def _opt_parts(opt_state) -> dict[tuple[str, tuple], np.ndarray]:
-    """{(slot, parameter path): array} of the Adam moments in `opt_state`."""
-    out = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        key = child_lib.adam_moment_key(key_path)
-        if key is not None:
-            out[key] = np.array(leaf, copy=True)
-    return out

@@ -209,6 +209,15 @@ def expert_shardings(mesh: jax.sharding.Mesh, state: Mapping[str, nnx.State], op
     return shardings, jax.tree_util.tree_map_with_path(moment_spec, opt_state)
 
 
+def programs(count: int, devices_per_child: int) -> set[tuple]:
+    """The compiled train programs `train` runs for `count` children of one architecture
+    (each with its eval program): one stacked program for the count, or one per device
+    group, since an executable is bound to its devices."""
+    if devices_per_child == 1:
+        return {("stacked", count)}
+    return {("group", c) for c in range(count)}
+
+
 def train(
     steps: child.ChildSteps,
     states: list[dict],
