@@ -71,17 +71,26 @@ def settings_from_config(config):
 def evolve(config, workdir: str) -> dict:
     """Runs (or resumes) the evolution of `config` in `workdir`; returns evolution.json.
 
-    Raises ValueError (before writing anything) for a config that cannot run.
+    Raises ValueError (before writing anything) for a config that cannot run, and
+    RunLockError (a ValueError) when another live run is evolving in `workdir`.
     """
+    from multitask_moe.train.run_lock import claim
+
+    settings = settings_from_config(config)
+    settings.check()
+    # Claimed before the tasks' data or any model is built (run_lock.claim).
+    with claim(workdir):
+        return _evolve_claimed(config, settings, workdir)
+
+
+def _evolve_claimed(config, settings, workdir: str) -> dict:
     import tensorflow as tf
 
     from multitask_moe.evolution import System, report
     from multitask_moe.evolution.store import SystemCheckpoints
     from multitask_moe.train import config_lib
 
-    settings = settings_from_config(config)
-    settings.check()
-    before = config_lib.read_config(workdir) if tf.io.gfile.isdir(workdir) else None
+    before = config_lib.read_config(workdir)
     if before is not None:
         changed = config_lib.changed_fields(
             before, config, ignore=PLACEMENT_FIELDS, added=ADDED_FIELDS
@@ -92,7 +101,6 @@ def evolve(config, workdir: str) -> dict:
                 f"{' ...' if len(changed) > 4 else ''}); use a new --workdir"
             )
     system = System(settings)  # builds the tasks' data: an unknown task raises here
-    tf.io.gfile.makedirs(workdir)
     with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2) + "\n")
     checkpoints = SystemCheckpoints(os.path.join(workdir, SYSTEM_DIR))

@@ -21,7 +21,8 @@ out like a training workdir (config.json, checkpoints/<step>/) plus extraction.j
   validation/test accuracy of the full and the extracted model, and their agreement.
 
 Nothing is written to O unless everything succeeds: the model is built in a sibling
-temporary directory and renamed into place.
+temporary directory and renamed into place. While it is built, O.lock beside O names the
+extraction writing it, and a second extraction into O stops at once (train/run_lock.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from multitask_moe.lifecycle.export import export_forward
 from multitask_moe.train import config_lib
 from multitask_moe.train import evaluate as evaluate_lib
 from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.train.run_lock import claim
 from multitask_moe.train.state import count_params, create_state
 from multitask_moe.train.workdir import CONFIG_FILE, Restored, load_config, restore
 
@@ -84,6 +86,25 @@ def extract(
     ConfigError) before writing anything.
     """
     _check_arguments(threshold, router, usage, out, overwrite)
+    # Before the restore: a second extraction into `out` stops here, naming the first.
+    with claim(os.path.dirname(os.path.abspath(out)), **_out_lock(out)):
+        return _extract(
+            workdir, task, out, threshold, router, usage, export, overwrite, splits, mesh
+        )
+
+
+def _out_lock(out: str) -> dict:
+    """RunLock arguments of the lock beside `out` (its scratch copy is renamed onto it)."""
+    name = os.path.basename(os.path.abspath(out))
+    return {
+        "file": f"{name}.lock",
+        "holder": "extraction",
+        "target": f"is writing {os.path.abspath(out)}",
+        "flag": "--out",
+    }
+
+
+def _extract(workdir, task, out, threshold, router, usage, export, overwrite, splits, mesh):
     # Checks that need only the config come before the (slower) restore.
     config = load_config(workdir)
     if not (config.model.moe_every or config.model.moa_every):

@@ -18,6 +18,8 @@ from multitask_moe.parallel.distributed import (
     detect_cluster,
     initialize,
     is_coordinator,
+    process_position,
+    share_from_coordinator,
 )
 from multitask_moe.parallel.mesh import (
     AXIS_NAMES,
@@ -51,4 +53,6 @@ __all__ = [
     "is_coordinator",
     "make_mesh",
     "num_batch_shards",
+    "process_position",
+    "share_from_coordinator",
 ]

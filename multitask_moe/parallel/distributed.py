@@ -13,6 +13,7 @@ JAX builds its device list once, and a process that built it alone cannot join l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -209,3 +210,40 @@ def initialize(
 def is_coordinator() -> bool:
     """True on the process that writes logs, metrics and plots (process 0)."""
     return jax.process_index() == 0
+
+
+def process_position() -> tuple[int, int]:
+    """(this process's index, the number of processes) without starting a JAX backend.
+
+    jax.process_index() builds the device list; a run that must decide something before
+    touching any device (e.g. whether its workdir is free) asks the distributed runtime,
+    which `initialize` has joined by then, or is a single process.
+    """
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    if state.client is None:
+        return 0, 1
+    return int(state.process_id), int(state.num_processes)
+
+
+# Every process draws the same sequence of keys: the shares happen in program order.
+_share_keys = itertools.count()
+
+
+def share_from_coordinator(name: str, value: str, *, timeout_s: float = 600.0) -> str:
+    """Process 0's `value`, on every process (its own on process 0, as is when alone).
+
+    Through the distributed runtime's key-value store, not a collective: no device, no
+    compiled program, so it can run before a run has built anything.
+    """
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    key = f"multitask_moe/share/{next(_share_keys)}/{name}"
+    if state.client is None:
+        return value
+    if state.process_id == 0:
+        state.client.key_value_set(key, value)
+        return value
+    return state.client.blocking_key_value_get(key, int(timeout_s * 1000))

@@ -38,19 +38,13 @@ def main(argv: list[str]) -> None:
     # Before anything touches a device: platform, simulated CPU devices, multi-host start.
     runtime.configure_jax(config)
 
-    from multitask_moe.train import setup
+    from multitask_moe.train import checkpoint, loop, setup, train
 
     try:
-        experiment = setup.prepare(config)  # every check, before the workdir is touched
-    except setup.ConfigError as error:
-        runtime.fail(str(error))
-
-    from multitask_moe.train import checkpoint, loop, train  # TensorFlow, Orbax load now
-
-    try:
-        train.run(experiment, _WORKDIR.value)
-    except setup.ConfigError as error:  # e.g. a workdir whose checkpoint does not fit
-        runtime.fail(str(error))
+        # The workdir is claimed first; every other check and all building come after.
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except setup.ConfigError as error:  # a bad config, a busy workdir, a checkpoint that
+        runtime.fail(str(error))  # does not fit: nothing written
     except (loop.NonFiniteLossError, checkpoint.CheckpointWriteError) as error:
         runtime.fail(str(error), status=1)
 

@@ -26,8 +26,8 @@ from multitask_moe.train import config_lib, loop, plots, warm_start
 from multitask_moe.train import evaluate as evaluate_lib
 from multitask_moe.train.checkpoint import Checkpoints, CheckpointShapeError
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
-from multitask_moe.train.run_lock import RunLock
-from multitask_moe.train.setup import ConfigError, Experiment, prepare
+from multitask_moe.train.run_lock import claim
+from multitask_moe.train.setup import ConfigError, Experiment, check_numbers, prepare
 from multitask_moe.train.state import count_params, create_state
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises ConfigError (before writing anything) for a config that cannot run, and
     loop.NonFiniteLossError when the loss turns NaN/inf.
     """
-    return run(prepare(config), workdir)
+    # The workdir is taken before anything is built: a start refused for a live run there
+    # costs the config check, not the datasets and compiles of `prepare`.
+    check_numbers(config.copy_and_resolve_references())
+    with claim(workdir):
+        return _run(prepare(config), workdir)
 
 
 def run(experiment: Experiment, workdir: str) -> dict[str, float]:
@@ -49,19 +53,12 @@ def run(experiment: Experiment, workdir: str) -> dict[str, float]:
 
     One Experiment (compiled once) can run in several workdirs, e.g. from a notebook.
     """
-    with jax.set_mesh(experiment.mesh):
+    with claim(workdir):
         return _run(experiment, workdir)
 
 
 def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
-    chief = jax.process_index() == 0
-    try:
-        tf.io.gfile.makedirs(workdir)  # a local path or gs:// (shared by all hosts of a pod)
-    except (tf.errors.OpError, OSError) as error:
-        reason = getattr(error, "message", None) or str(error)
-        raise ConfigError(f"--workdir={workdir!r} cannot be created: {reason}") from None
-    # Before anything is written: a second run in this workdir stops here, naming the first.
-    with RunLock(workdir, enabled=chief):
+    with jax.set_mesh(experiment.mesh):
         return _run_locked(experiment, workdir)
 
 
