@@ -43,7 +43,7 @@ def main() -> None:
     from multitask_moe.evolution import System, child, path_model
     from multitask_moe.evolve import settings_from_config
     from multitask_moe.train import config_lib, runtime
-    from multitask_moe.train.state import make_optimizer
+    from multitask_moe.train.state import make_optimizer, with_learning_rate
     from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_train_step
 
     logging.set_verbosity(logging.WARNING)
@@ -62,7 +62,7 @@ def main() -> None:
     names = arch.component_names()
     trainable = {name: i >= len(names) // 2 for i, name in enumerate(names)}
     mask = child.pure_mask(path_model.leaf_trainable(fresh, trainable, arch), fresh)
-    opt_state = child.with_learning_rate(steps.tx.init(fresh["params"]), 3e-3)
+    opt_state = with_learning_rate(steps.tx.init(fresh["params"]), 3e-3)
     batches = system.mixture(tasks[0]).iterator("train", batch_size=settings.batch_size, seed=0)
     batch_list = [next(batches) for _ in range(4)]
 

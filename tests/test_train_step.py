@@ -296,3 +296,58 @@ def test_mutual_information_loss_trains_when_a_task_is_missing_from_the_batch():
     _, m = fn(train_state, batch)
     assert np.isfinite(float(m["aux/mutual_info_loss"]))
     assert np.isfinite(float(m["grad_norm"])), "NaN gradient from the MI loss"
+
+
+def test_masks_bound_as_constants_and_passed_as_inputs_give_the_same_step():
+    """The one step serves a warm start (numpy masks bound at trace time, whole leaves
+    picked statically) and evolution's children (the same masks as traced inputs): equal
+    results, frozen rows and leaves bit for bit their old values, the rest moved."""
+    train_step, train_state, batch = tiny_setup(skip_nonfinite=False)
+    fn = train_step.__wrapped__  # the step before jit
+    params, model_state = train_state["params"], train_state["model_state"]
+
+    def mask_of(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "head" in name and np.ndim(leaf) >= 1:  # per-row: task 1's rows train
+            rows = np.zeros(np.shape(leaf)[0], bool)
+            rows[1:] = True
+            return rows.reshape((-1,) + (1,) * (np.ndim(leaf) - 1))
+        return np.asarray("embed" not in name)  # embeddings frozen whole
+
+    masks = {
+        "params": jax.tree_util.tree_map_with_path(mask_of, params),
+        "model_state": jax.tree.map(lambda _: np.ones((), bool), model_state),
+    }
+    static = jax.jit(lambda s, b: fn(s, b, masks))
+    traced = jax.jit(fn)
+    expected, _ = static(train_state, batch)
+    got, _ = traced(train_state, batch, jax.tree.map(jnp.asarray, masks))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = 0
+    for old, new, m in zip(
+        jax.tree.leaves(params),
+        jax.tree.leaves(got["params"]),
+        jax.tree.leaves(masks["params"]),
+        strict=True,
+    ):
+        frozen = ~np.broadcast_to(m, np.shape(old))
+        np.testing.assert_array_equal(np.asarray(new)[frozen], np.asarray(old)[frozen])
+        moved += int((np.asarray(new) != np.asarray(old))[~frozen].sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("in_state", [False, True], ids=["schedule", "rate_in_state"])
+def test_adamw_decays_matrices_only_whether_or_not_the_rate_is_state(in_state):
+    """With zero gradients the update is -lr * decay * p on matrices and 0 on vectors,
+    for a run's optimizer and for an evolution child's (rate as optimizer state): a decay
+    mask taken for a schedule would decay nothing."""
+    params = {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+    tx = state.adamw(0.1, weight_decay=0.5, learning_rate_in_state=in_state)
+    opt_state = tx.init(params)
+    if in_state:
+        opt_state = state.with_learning_rate(opt_state, 0.2)
+    lr = 0.2 if in_state else 0.1
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)
+    np.testing.assert_allclose(updates["kernel"], -lr * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(updates["bias"], 0.0)

@@ -1,8 +1,8 @@
-"""Training one child path: steps that take the frozen mask and the learning rate as
-inputs, so every child of one architecture runs the same compiled program.
+"""Training one child path: training's step (train/step.py) with the frozen mask and
+the learning rate as inputs, so every child of one architecture runs one compiled program.
 
-    steps = ChildSteps.build(graphdef, fresh, sparse_layers, aux_weights)
-    result = train(steps, state, trainable, hparams, batches, validate, ...)
+    steps = ChildSteps.build(graphdef, sparse_layers, aux_weights, weight_decay)
+    result = train(steps, state, opt_state, trainable, batches, validate, ...)
 
 A leaf of a locked component gets a zero gradient and keeps its exact value (a select,
 never `p + 0`, which may flip the sign of a zero), its statistics too; the clipped norm
@@ -24,36 +24,19 @@ import optax
 from flax import nnx
 
 from multitask_moe.evolution import path_model
-from multitask_moe.train.step import AUX_LOSSES, LossSettings, aux_loss, weight_decay_mask
-
-
-def optimizer(weight_decay: float, grad_clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """AdamW with the learning rate as state (set per child, no recompile), after clipping."""
-    adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=1e-3, weight_decay=weight_decay, mask=weight_decay_mask
-    )
-    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
-
-
-def with_learning_rate(opt_state, learning_rate: float):
-    """opt_state (of `optimizer`) with its injected learning rate replaced."""
-    clip, adamw = opt_state
-    hyperparams = dict(adamw.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
-    return clip, adamw._replace(hyperparams=hyperparams)
-
-
-def select(mask, new, old):
-    """new where the mask (a scalar, or per expert slot broadcast over the leaf) is True,
-    else old (typed PRNG keys through their data)."""
-    if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
-        data = jnp.where(mask, jax.random.key_data(new), jax.random.key_data(old))
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
-    return jnp.where(mask, new, old)
+from multitask_moe.train.state import adamw
+from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
 class ChildSteps:
-    """The jitted train and eval steps of one architecture."""
+    """The jitted train and eval steps of one architecture.
+
+    train_step(state, opt_state, batch, trainable) -> (state, opt_state, task loss) is
+    training's one step (train/step.py) with the child's masks as traced inputs and its
+    learning rate in opt_state (state.adamw(learning_rate_in_state=True)); state here is
+    {"params", "model_state"}, the optimizer state beside it.
+    """
 
     train_step: Callable
     eval_step: Callable
@@ -78,37 +61,15 @@ class ChildSteps:
             aux_weights={name: float(aux_weights.get(name, 0.0)) for name in AUX_LOSSES},
             sparse_layers=sparse_layers,
         )
-        tx = optimizer(weight_decay)
-
-        def loss_fn(params, model_state, batch):
-            model = nnx.merge(graphdef, params, model_state)
-            logits, aux = model(
-                batch["inputs"], batch["mask"], batch["task_id"], deterministic=False
-            )  # [B, C]
-            task = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            extra, _ = aux_loss(aux, settings)
-            new_model_state = nnx.state(model, nnx.Not(nnx.Param))  # rng streams moved on
-            return task + extra, (task, new_model_state, jax.lax.stop_gradient(aux))
+        tx = adamw(1e-3, weight_decay=weight_decay, learning_rate_in_state=True)
+        step = make_train_step(graphdef, tx, None, settings, skip_nonfinite=False)
 
         def train_step(state, opt_state, batch, trainable):
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, (task, model_state, aux)), grads = grad_fn(
-                state["params"], state["model_state"], batch
-            )
-            # The usage statistics move outside the differentiated function (train/step.py).
-            model = nnx.merge(graphdef, state["params"], model_state)
-            model.record_usage(aux)
-            model_state = nnx.state(model, nnx.Not(nnx.Param))
-            grads = jax.tree.map(
-                lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), trainable["params"], grads
-            )
-            updates, opt_state = tx.update(grads, opt_state, state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            params = jax.tree.map(select, trainable["params"], params, state["params"])
-            model_state = jax.tree.map(
-                select, trainable["model_state"], model_state, state["model_state"]
-            )
-            return {"params": params, "model_state": model_state}, opt_state, task
+            # The step counter only feeds a schedule; a child's rate is in opt_state.
+            full = {"step": jnp.zeros((), jnp.int32), **state, "opt_state": opt_state}
+            new, metrics = step(full, batch, trainable)
+            kept = {"params": new["params"], "model_state": new["model_state"]}
+            return kept, new["opt_state"], metrics["task_loss"]
 
         def eval_step(state, batch):
             model = nnx.merge(graphdef, state["params"], state["model_state"])

@@ -29,8 +29,9 @@ def assemble(pool: ComponentPool, path: Path, arch: path_model.Architecture, fre
 
 
 def inherit_moments(pool: ComponentPool, path: Path, arch, state, opt_state):
-    """`opt_state` (of child.optimizer, fresh) with the stored Adam moments of the path's
-    trainable components (clones) in their leaves or expert slices."""
+    """`opt_state` (fresh, of train.state.adamw with the rate in state) with the stored
+    Adam moments of the path's trainable components (clones) in their leaves or expert
+    slices."""
     stored = {}
     for name, cid in zip(arch.component_names(), path.components, strict=True):
         component = pool[cid]

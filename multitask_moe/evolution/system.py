@@ -31,6 +31,7 @@ from multitask_moe.evolution import mutation, path_model, pool_state, sampling, 
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path, accounted_params, score
 from multitask_moe.evolution.settings import LADDERS, Settings
+from multitask_moe.train.state import with_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class System:
         steps = self.steps_for(arch)
         state = self.state_of(child_id)
         mask = child_lib.pure_mask(path_model.leaf_trainable(state, trainable, arch), state)
-        opt_state = child_lib.with_learning_rate(
+        opt_state = with_learning_rate(
             steps.tx.init(state["params"]), path.hparams["learning_rate"]
         )
         opt_state = pool_state.inherit_moments(self.pool, path, arch, state, opt_state)

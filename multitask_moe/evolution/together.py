@@ -21,6 +21,7 @@ from flax import nnx
 
 from multitask_moe import parallel
 from multitask_moe.evolution import child, path_model
+from multitask_moe.models.freezing import select
 from multitask_moe.models.transplant import axis_tags
 
 
@@ -28,7 +29,7 @@ def _rows(keep, new, old):
     """Per child (leading axis): new where keep[c], else old."""
 
     def pick(n, o):
-        return child.select(keep.reshape((-1,) + (1,) * (jnp.ndim(n) - 1)), n, o)
+        return select(keep.reshape((-1,) + (1,) * (jnp.ndim(n) - 1)), n, o)
 
     return jax.tree.map(pick, new, old)
 

@@ -86,17 +86,28 @@ def trainable_mask(
 
 
 def keep_frozen(new, old, mask):
-    """`new` where `mask` is True, `old` elsewhere, leaf by leaf; a mask that is all True
-    or all False (static numpy) picks the whole leaf without computing anything."""
+    """`new` where `mask` is True, `old` elsewhere, leaf by leaf. A static (numpy) mask
+    that is all True or all False picks the whole leaf without computing anything; any
+    other mask, traced ones included (an evolution child's), selects element-wise."""
 
     def pick(new_leaf, old_leaf, m):
-        if m.all():
-            return new_leaf
-        if not m.any():
-            return old_leaf
-        return jnp.where(m, new_leaf, old_leaf)
+        if isinstance(m, np.ndarray | np.bool_ | bool):
+            if np.all(m):
+                return new_leaf
+            if not np.any(m):
+                return old_leaf
+        return select(m, new_leaf, old_leaf)
 
     return jax.tree.map(pick, new, old, mask)
+
+
+def select(mask, new, old):
+    """new where the mask (broadcast over the leaf) is True, else old; typed PRNG keys
+    (the router noise streams) through their data, which jnp.where cannot take."""
+    if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+        data = jnp.where(mask, jax.random.key_data(new), jax.random.key_data(old))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+    return jnp.where(mask, new, old)
 
 
 def frozen_fraction(params, mask) -> float:

@@ -8,6 +8,7 @@ workdir is touched: a bad config leaves no half-made run behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from multitask_moe import data, models, parallel
 from multitask_moe.train import config_lib, nearest, warm_start
@@ -186,12 +186,9 @@ def routing_group_size(config: ml_collections.ConfigDict, mesh, num_tokens: int)
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """Model, optimizer and loss of a config, abstract (nothing allocated)."""
+    """The abstract state of a config and its step functions (nothing allocated)."""
 
     spec: StateSpec
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    loss_settings: LossSettings
     train_fn: Callable[[dict, dict], tuple[dict, dict]]
     eval_fn: Callable[[dict, dict], dict]
     trainable: Any = None  # {"params", "model_state"} masks (models.trainable_mask), or None
@@ -235,23 +232,12 @@ def build(
     )
     trainable = None if trainable_of is None else trainable_of(spec)
     train_fn = make_train_step(
-        spec.graphdef,
-        tx,
-        schedule,
-        loss_settings,
-        skip_nonfinite=config.skip_nonfinite_updates,
-        trainable=trainable,
+        spec.graphdef, tx, schedule, loss_settings, skip_nonfinite=config.skip_nonfinite_updates
     )
+    if trainable is not None:  # bound as numpy constants: whole frozen leaves cost nothing
+        train_fn = functools.partial(train_fn, trainable=trainable)
     eval_fn = make_eval_step(spec.graphdef, len(task_names), spec.sparse_layers)
-    return Model(
-        spec=spec,
-        tx=tx,
-        schedule=schedule,
-        loss_settings=loss_settings,
-        train_fn=train_fn,
-        eval_fn=eval_fn,
-        trainable=trainable,
-    )
+    return Model(spec=spec, train_fn=train_fn, eval_fn=eval_fn, trainable=trainable)
 
 
 def abstract_batch(

@@ -23,10 +23,47 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from multitask_moe.train.step import weight_decay_mask
 
 
+def adamw(
+    learning_rate: float | optax.Schedule,
+    *,
+    weight_decay: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    grad_clip_norm: float = 1.0,
+    learning_rate_in_state: bool = False,
+) -> optax.GradientTransformation:
+    """The optimizer of every run and every evolution child: AdamW (decay on matrices
+    only, weight_decay_mask) after global-norm clipping (none for grad_clip_norm <= 0).
+
+    learning_rate_in_state=True keeps the learning rate (and Adam's other numbers) in the
+    optimizer state (optax.inject_hyperparams): each evolution child sets its own rate
+    there (with_learning_rate) and one compiled step serves every child of an
+    architecture. The decay mask is a static argument: inject_hyperparams would take a
+    callable for a schedule and call it with the step count (a mask of False: no decay).
+    """
+    make = (
+        optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+        if learning_rate_in_state
+        else optax.adamw
+    )
+    decayed = make(
+        learning_rate=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask
+    )
+    clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else optax.identity()
+    return optax.chain(clip, decayed)
+
+
+def with_learning_rate(opt_state, learning_rate: float):
+    """opt_state of adamw(learning_rate_in_state=True) with its learning rate replaced."""
+    clip, decayed = opt_state
+    hyperparams = dict(decayed.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
+    return clip, decayed._replace(hyperparams=hyperparams)
+
+
 def make_optimizer(
     opt_config: ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+    """A run's adamw with linear warmup and cosine decay, and that schedule."""
     warmup = min(opt_config.warmup_steps, max(num_train_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -36,19 +73,14 @@ def make_optimizer(
         decay_steps=max(num_train_steps, warmup + 1),
         end_value=opt_config.learning_rate * opt_config.end_learning_rate_factor,
     )
-    adamw = optax.adamw(
+    tx = adamw(
         schedule,
+        weight_decay=opt_config.weight_decay,
         b1=opt_config.b1,
         b2=opt_config.b2,
-        weight_decay=opt_config.weight_decay,
-        mask=weight_decay_mask,
+        grad_clip_norm=opt_config.grad_clip_norm,
     )
-    clip = (
-        optax.clip_by_global_norm(opt_config.grad_clip_norm)
-        if opt_config.grad_clip_norm > 0
-        else optax.identity()
-    )
-    return optax.chain(clip, adamw), schedule
+    return tx, schedule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,20 +117,25 @@ def aux_loss(
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    schedule: Callable[[jax.Array], jax.Array],
+    schedule: Callable[[jax.Array], jax.Array] | None,
     settings: LossSettings,
     *,
     skip_nonfinite: bool,
-    trainable=None,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """Returns train_step(state, batch) -> (new state, metrics).
+) -> Callable[..., tuple[dict, dict]]:
+    """Returns train_step(state, batch, trainable=None) -> (new state, metrics): the one
+    step of training, of a warm start's frozen rows and of every evolution child.
 
     state: {"step", "params", "model_state", "opt_state"}; batch: inputs [B, L, P] f32,
     mask [B, L] bool, label [B] int32, task_id [B] int32. Metrics are device arrays (the
     loop fetches them in bulk, so the host never waits on a step).
-    trainable: None, or {"params": masks, "model_state": masks}, trees of bool masks
-    (models.trainable_mask): frozen parameters get zero gradient (outside the clipped
-    norm) and keep their values exactly; frozen statistics keep theirs.
+    trainable: None (everything trains), or {"params": masks, "model_state": masks},
+    trees of bool masks that broadcast against their leaves: frozen parameters get zero
+    gradient (outside the clipped norm) and keep their values exactly; frozen statistics
+    keep theirs. Bound as numpy constants (functools.partial: a warm start's fixed
+    masks), a whole-leaf mask costs nothing; passed as arrays, the masks are traced, so
+    one compiled step serves every child of an evolution architecture whatever it locks.
+    schedule: the learning rate by step, logged as `learning_rate`; None when the rate is
+    optimizer state (optimizer.adamw(learning_rate_in_state=True), a child's own rate).
     """
 
     def loss_fn(params, model_state, batch):
@@ -172,7 +177,7 @@ def make_train_step(
         }
         return nnx.state(model, nnx.Not(nnx.Param)), logged
 
-    def train_step(state, batch):
+    def train_step(state, batch, trainable=None):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, new_model_state, aux)), grads = grad_fn(
             state["params"], state["model_state"], batch
@@ -204,9 +209,9 @@ def make_train_step(
         # The step counts batches consumed, skipped or not, so a resumed run reads on from
         # the right batch.
         new_state["step"] = state["step"] + 1
-        metrics.update(
-            loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]), nonfinite=~finite
-        )
+        metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite)
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state["step"])
         return new_state, metrics
 
     return train_step
