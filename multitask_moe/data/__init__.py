@@ -32,7 +32,7 @@ of every slot of every step is a stateless hash of (seed, split, step, slot), an
 task's examples come in seeded epochs; `start_step=N` recomputes from the hashes how many
 examples each task gave up before step N and positions every task stream there, so it
 yields exactly the batches an uninterrupted iterator yields from step N on
-(see mixture.py).
+(see mixture.py, and process_order.py / global_order.py for the two example orders).
 
 Multi-host: `iterator` and `eval_batches` take process_index / process_count (default
 jax.process_index() / jax.process_count()); batch_size is the global batch size, each

@@ -3,7 +3,7 @@
 Shapes: B global batch, K = B / process_count rows of this process, L tokens, P features
 per token, T tasks, n_t examples in task t's split.
 
-The process-sharded stream (mixture.py) gives each process its own shard and shuffle, so
+The process-sharded stream (process_order.py) gives each process its own shard and shuffle, so
 the batches, and a model trained on them, depend on how many processes read. Here every
 process holds every task's whole split in memory and addresses it by index:
   slot b of step s chooses task t = TaskChoices(s, b) (the same stateless hash);
@@ -15,15 +15,21 @@ A process computes the B choices of a step (numpy, no data read) and gathers onl
 rows [k K, (k + 1) K): the global batch of every step is the same for 1 process x 8
 devices and 2 processes x 4, so the training is too. Resuming at step N re-hashes the
 choices of steps [0, N) to count the positions, as the sharded stream does.
+
+`dataset` wraps `Stream` in the endless tf.data.Dataset of this process's batches; each
+task's split comes from the mixture's split_cache.SplitCache, so it must fit in
+cache_bytes.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
+from multitask_moe.data import checks, split_cache
 from multitask_moe.data import rates as rates_lib
 
 
@@ -111,3 +117,45 @@ class Stream:
             for name, array in source.arrays.items():
                 out[name][rows] = array[picked]
         return [out[name] for name in self.names]
+
+
+def dataset(
+    cache: split_cache.SplitCache,
+    rates: np.ndarray,
+    choices: rates_lib.TaskChoices,
+    args: checks.StreamArgs,
+) -> Any:
+    """The endless tf.data.Dataset of this process's rows of the process-independent batches."""
+    import tensorflow as tf
+
+    examples = {}  # {task id: TaskExamples} of the tasks ever chosen
+    for t in map(int, np.flatnonzero(rates)):
+        arrays = cache.in_memory(t, args.split)
+        examples[t] = TaskExamples(arrays, rates_lib.stream_key(args.seed, args.split, "global", t))
+    stream = Stream(
+        examples,
+        choices,
+        batch_size=args.batch_size,
+        start_step=args.start_step,
+        process=args.process,
+        num_tasks=len(rates),
+    )
+    local = args.local
+    length, width = cache.token_shape
+    shapes = {"inputs": [local, length, width], "mask": [local, length]}
+    types = {"inputs": tf.float32, "mask": tf.bool, "label": tf.int32, "task_id": tf.int32}
+
+    def rows(step):
+        arrays = tf.numpy_function(stream.batch, [step], [types[n] for n in stream.names])
+        return {
+            name: tf.ensure_shape(array, shapes.get(name, [local]))
+            for name, array in zip(stream.names, arrays, strict=True)
+        }
+
+    # One call per step in order (the positions of a step continue the step before's);
+    # any other order is still exact (Stream re-counts), only slower.
+    return (
+        tf.data.Dataset.range(args.start_step, rates_lib.FOREVER)
+        .map(rows)
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 
 RATE_KINDS = ("explicit", "proportional", "temperature")
+# The end (exclusive) of the endless step range of a training stream,
+# tf.data.Dataset.range(start_step, FOREVER): no run gets there.
+FOREVER = 2**62
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
