@@ -5,7 +5,7 @@ model, and compiles and wall time per generation of the default evolution config
 
 step ratio  a child step (frozen mask and learning rate as inputs, selects that keep
             locked leaves exact, Adam moments of the trainable leaves only) over the
-            project's train step (train/step.py) of the same single-task path model, half
+            project's train step (core/step.py) of the same single-task path model, half
             its components locked; median of per-pair ratios over --runs interleaved
             runs of --steps steps (target <= 1.3)
 generation  compiles and seconds of each generation of configs/evolve.py on its first
@@ -40,11 +40,11 @@ def main() -> None:
     import jax
     from absl import logging
 
+    from multitask_moe.core import config_lib, runtime
+    from multitask_moe.core.state import make_optimizer, with_learning_rate
+    from multitask_moe.core.step import AUX_LOSSES, LossSettings, make_train_step
     from multitask_moe.evolution import System, child, path_model
     from multitask_moe.evolve import settings_from_config
-    from multitask_moe.train import config_lib, runtime
-    from multitask_moe.train.state import make_optimizer, with_learning_rate
-    from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_train_step
 
     logging.set_verbosity(logging.WARNING)
     config = config_lib.sibling_config(os.path.join(REPO, "configs", "x.py"), "evolve")

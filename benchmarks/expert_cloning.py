@@ -80,9 +80,9 @@ def main() -> None:
 
     from absl import logging
 
+    from multitask_moe.core import config_lib
     from multitask_moe.evolution import System
     from multitask_moe.evolve import settings_from_config
-    from multitask_moe.train import config_lib
 
     logging.set_verbosity(logging.WARNING)
     modes = {"whole-block": 0, "experts": args.slots}

@@ -60,9 +60,9 @@ def train(variant: str, steps: int, workdir: str) -> None:
 
 def benchmark_variant(variant: str, workdir: str, args, mesh: dict) -> dict:
     from multitask_moe import lifecycle
+    from multitask_moe.core import build as build_lib
     from multitask_moe.lifecycle import timing
     from multitask_moe.lifecycle.timing import Timed
-    from multitask_moe.train import setup
 
     config = lifecycle.load_config(workdir)
     full = lifecycle.restore(workdir, mesh=mesh)
@@ -129,7 +129,9 @@ def benchmark_variant(variant: str, workdir: str, args, mesh: dict) -> dict:
     return {
         "workdir": workdir,
         "moe_routing_group_tokens": {
-            "full": setup.routing_group_size(full.experiment.config, full.experiment.mesh, length),
+            "full": build_lib.routing_group_size(
+                full.experiment.config, full.experiment.mesh, length
+            ),
             "extracted": length,
         },
         "tasks": rows,

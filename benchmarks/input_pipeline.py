@@ -62,7 +62,7 @@ def _seconds(fn) -> float:
 def main(argv: list[str]) -> dict:
     args = _parse(argv)
     config = _default_config()
-    from multitask_moe.train.config_lib import parse_weights
+    from multitask_moe.core.config_lib import parse_weights
 
     tasks = parse_weights(config.data.tasks, "data.tasks")
     args.batch_size = args.batch_size or config.batch_size

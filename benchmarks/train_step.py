@@ -93,7 +93,7 @@ def main() -> None:
             node[leaf] = type(node[leaf])(value) if node[leaf] is not None else float(value)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO)
-    from multitask_moe.train import runtime
+    from multitask_moe.core import runtime
 
     runtime.configure_jax(configs["moe"])  # 8 CPU devices, before JAX starts
 
@@ -101,9 +101,10 @@ def main() -> None:
     from absl import logging
 
     from multitask_moe import parallel
+    from multitask_moe.core.evaluate import global_batch
+    from multitask_moe.core.state import count_params, create_state
+    from multitask_moe.core.step import TRAIN_KEYS
     from multitask_moe.train import setup
-    from multitask_moe.train.evaluate import TRAIN_KEYS, global_batch
-    from multitask_moe.train.state import count_params, create_state
 
     logging.set_verbosity(logging.WARNING)
     memory = PeakMemory()

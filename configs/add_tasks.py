@@ -25,7 +25,7 @@ of the held-out tasks: :unseen,shots=10. The seen and unrelated tasks trained to
 from the start (the reference for run 3): :joint.
 """
 
-from multitask_moe.train import config_lib
+from multitask_moe.core import config_lib
 
 SEEN = {
     "digits/class": 1.0,

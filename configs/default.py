@@ -17,7 +17,7 @@ expert-parallel all-to-all dispatch as a TPU pod; the entry point creates the 8 
 from `num_cpu_devices` before JAX starts.
 """
 
-from multitask_moe.train import config_lib
+from multitask_moe.core import config_lib
 
 TASKS = {
     "digits/class": 1.0,

@@ -7,7 +7,7 @@ hidden mlp_dim, so every token sees the same active parameters and compute. The
 'expert' mesh axis then only splits the batch.
 """
 
-from multitask_moe.train import config_lib
+from multitask_moe.core import config_lib
 
 
 def get_config(arg: str | None = None):

@@ -19,7 +19,7 @@ Any field with --config.key=value, e.g. --config.evolve.generations=4.
 
 import ml_collections
 
-from multitask_moe.train import config_lib
+from multitask_moe.core import config_lib
 
 TASKS = ("digits/class", "iris", "digits/parity", "wine", "synthetic/a0", "breast_cancer")
 

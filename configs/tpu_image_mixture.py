@@ -21,7 +21,7 @@ It cannot run on the CPU here; tests/test_configs.py builds its model and traces
 train step abstractly on a fake 256-device mesh.
 """
 
-from multitask_moe.train import config_lib
+from multitask_moe.core import config_lib
 
 TASKS = {"cifar10": 1.0, "cifar100": 1.0, "svhn_cropped": 1.0, "oxford_flowers102": 1.0}
 

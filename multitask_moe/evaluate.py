@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from multitask_moe.train import runtime  # noqa: E402
+from multitask_moe.core import runtime  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or extracted model directory.")
 _SPLITS = flags.DEFINE_list("splits", ["validation", "test"], "Splits to evaluate.")

@@ -21,10 +21,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multitask_moe.train import runtime  # noqa: E402
+from multitask_moe.core import runtime  # noqa: E402
+from multitask_moe.errors import ConfigError, one_line  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Evolution config file, configs/evolve.py[:arg].", lock_config=True
@@ -35,6 +36,19 @@ SYSTEM_DIR = "system"
 SUMMARY_FILE = "evolution.json"
 # Where children compute, not what the system is: a resumed run may change them.
 PLACEMENT_FIELDS = ("evolve.devices_per_child",)
+# Settings named as in config.evolve.
+EVOLVE_FIELDS = (
+    "generations",
+    "children",
+    "steps",
+    "validations",
+    "size_scale",
+    "mu",
+    "learning_rate",
+    "adapter_size",
+    "free_expert_slots",
+    "devices_per_child",
+)
 # Fields newer than some workdirs, and what a workdir without them ran.
 ADDED_FIELDS = {"evolve.free_expert_slots": 0, "evolve.devices_per_child": 1}
 
@@ -47,34 +61,25 @@ def settings_from_config(config):
     return Settings(
         tasks=tuple(name.strip() for name in evolve.tasks.split(",") if name.strip()),
         model=config.model,
-        generations=evolve.generations,
-        children=evolve.children,
-        steps=evolve.steps,
-        validations=evolve.validations,
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
-        size_scale=evolve.size_scale,
         weight_decay=config.optimizer.weight_decay,
         aux_weights=dict(config.aux_loss.to_dict()),
         image_size=config.data.image_size,
         patch_size=config.data.patch_size,
         data_dir=config.data.data_dir or None,
         seed=config.seed,
-        mu=evolve.mu,
-        learning_rate=evolve.learning_rate,
-        adapter_size=evolve.adapter_size,
-        free_expert_slots=evolve.free_expert_slots,
-        devices_per_child=evolve.devices_per_child,
+        **{name: evolve[name] for name in EVOLVE_FIELDS},
     )
 
 
 def evolve(config, workdir: str) -> dict:
     """Runs (or resumes) the evolution of `config` in `workdir`; returns evolution.json.
 
-    Raises ValueError (before writing anything) for a config that cannot run, and
-    RunLockError (a ValueError) when another live run is evolving in `workdir`.
+    Raises ConfigError (before writing anything) for a config that cannot run, RunLockError
+    (a ConfigError) when another live run is evolving in `workdir`.
     """
-    from multitask_moe.train.run_lock import claim
+    from multitask_moe.core.run_lock import claim
 
     settings = settings_from_config(config)
     settings.check()
@@ -84,11 +89,10 @@ def evolve(config, workdir: str) -> dict:
 
 
 def _evolve_claimed(config, settings, workdir: str) -> dict:
-    import tensorflow as tf
 
+    from multitask_moe.core import config_lib, files
     from multitask_moe.evolution import System, report
     from multitask_moe.evolution.store import SystemCheckpoints
-    from multitask_moe.train import config_lib
 
     before = config_lib.read_config(workdir)
     if before is not None:
@@ -96,16 +100,15 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
             before, config, ignore=PLACEMENT_FIELDS, added=ADDED_FIELDS
         )
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"workdir {workdir} was made by a different config ({', '.join(changed[:4])}"
                 f"{' ...' if len(changed) > 4 else ''}); use a new --workdir"
             )
     system = System(settings)  # builds the tasks' data: an unknown task raises here
-    with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    files.write_config(workdir, config)
     checkpoints = SystemCheckpoints(os.path.join(workdir, SYSTEM_DIR))
     try:
-        restored = checkpoints.restore(settings)
+        restored = checkpoints.restore(settings, warn=_warn)
         if restored is not None:
             system = restored
             print(f"Resuming: {len(system.best)} tasks done, {system.progress}.", flush=True)
@@ -115,7 +118,7 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
         def save(system):
             step[0] += 1
             checkpoints.save(step[0], system)
-            report.write_json(summary_path, report.summary(system))
+            files.write_json(summary_path, report.summary(system))
             done = len(system.best)
             print(
                 f"task {done}/{len(settings.tasks)}, generation {system.progress['generation']}: "
@@ -128,7 +131,7 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
         if config.evolve.baseline:
             baseline = {task: system.finetune(task) for task in settings.tasks}
         contents = report.summary(system, baseline)
-        report.write_json(summary_path, contents)
+        files.write_json(summary_path, contents)
         report.picture(system, os.path.join(workdir, "system.png"))
         print(report.table(system, baseline), flush=True)
         return contents
@@ -136,20 +139,20 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
         checkpoints.close()
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        runtime.fail(f"unexpected arguments {argv[1:]}")
-    config = runtime.loaded_config(_CONFIG.value, flags.FLAGS["config"].serialize())
-    if not _WORKDIR.value:
-        runtime.fail("--workdir is required (e.g. --workdir=workdir/evolve)")
-    runtime.configure_jax(config)
+    config = runtime.command_config(argv, _CONFIG, _WORKDIR, "workdir/evolve")
+    from multitask_moe.core.checkpoint import CheckpointWriteError  # Orbax loads now
+
     try:
         evolve(config, _WORKDIR.value)
-    except (ValueError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        runtime.fail(str(message))
+    except (ValueError, KeyError) as error:  # ConfigError, an unknown task (KeyError)
+        runtime.fail(one_line(error))
+    except CheckpointWriteError as error:  # the system as of the last whole generation stays
+        runtime.fail(str(error), status=1)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from flax import nnx, traverse_util
 from test_train import tiny_config
 
 from multitask_moe import data, lifecycle, models
+from multitask_moe.errors import ConfigError
 from multitask_moe.lifecycle import evaluation
 from multitask_moe.train import nearest, train_and_evaluate
-from multitask_moe.train.setup import ConfigError, prepare
+from multitask_moe.train.setup import prepare
 
 SEEN = "digits/class=1, iris=1, synthetic/a0=1"
 # Seen tasks in another order, a new task of a seen modality (limited to 50 examples) and

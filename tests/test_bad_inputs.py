@@ -14,9 +14,10 @@ from flax import nnx
 from test_train import tiny_config
 
 from multitask_moe import models, parallel
+from multitask_moe.core.evaluate import global_batch
+from multitask_moe.core.step import TRAIN_KEYS
 from multitask_moe.moe import MoESettings
 from multitask_moe.train import ConfigError, train_and_evaluate
-from multitask_moe.train.evaluate import TRAIN_KEYS, global_batch
 
 DROPLESS = {"model.moe.capacity_factor": None, "model.moe.eval_capacity_factor": None}
 

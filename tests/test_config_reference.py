@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import config_reference  # noqa: E402
 
-from multitask_moe.train import config_lib  # noqa: E402
+from multitask_moe.core import config_lib  # noqa: E402
 
 
 def test_config_reference_is_current():

@@ -11,8 +11,9 @@ from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
 from multitask_moe import parallel
-from multitask_moe.train import setup
-from multitask_moe.train.config_lib import parse_weights
+from multitask_moe.core import build as build_lib
+from multitask_moe.core.config_lib import parse_weights
+from multitask_moe.core.step import TRAIN_KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -46,7 +47,7 @@ def explicit_mesh(shape, names=("data", "expert")):
 
 
 def build(config, mesh, tasks, modalities, token_shape):
-    return setup.build(config, mesh, list(tasks), list(tasks.values()), modalities, token_shape)
+    return build_lib.build(config, mesh, list(tasks), list(tasks.values()), modalities, token_shape)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -89,7 +90,7 @@ def test_default_variants_build_on_the_default_mesh(arg):
     assert list(model.spec.sparse_layers) == expected
     # One routing group per device's share of the batch (64 / 8 = 8 examples of 30 tokens),
     # chosen for the model without writing it into the config.
-    assert setup.routing_group_size(config, explicit_mesh((2, 4)), 30) == 8 * 30
+    assert build_lib.routing_group_size(config, explicit_mesh((2, 4)), 30) == 8 * 30
     assert config.model.moe.group_size is None
 
 
@@ -140,10 +141,10 @@ def test_tpu_config_shapes_on_a_fake_pod_mesh():
 
     # The whole train step traces on the pod mesh: shapes, shardings and the
     # expert-parallel all-to-alls are all resolved abstractly.
-    batch = setup.abstract_batch(
+    batch = build_lib.abstract_batch(
         config.batch_size,
         token_shape,
-        setup.TRAIN_KEYS,
+        TRAIN_KEYS,
         jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh)),
     )
     with jax.sharding.use_abstract_mesh(mesh):
@@ -159,7 +160,7 @@ def test_tpu_config_shapes_on_a_fake_pod_mesh():
 def test_a_config_written_before_a_field_existed_reads_with_its_default(tmp_path):
     import json
 
-    from multitask_moe.train import config_lib
+    from multitask_moe.core import config_lib
 
     saved = config_lib.base_config().to_dict()
     del saved["profile_steps"], saved["model"]["moe"]["exchange"]

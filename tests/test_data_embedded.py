@@ -204,7 +204,7 @@ def test_bad_split_and_layout_arguments(all_tasks):
         task.dataset("dev", image_size=8, patch_size=4)
     with pytest.raises(ValueError, match="patch_size=3 must divide image_size=8"):
         task.dataset("train", image_size=8, patch_size=3)
-    with pytest.raises(ValueError, match="image_size must be a positive int"):
+    with pytest.raises(ValueError, match="image_size=0 must be an int >= 1"):
         task.dataset("train", image_size=0, patch_size=4)
     with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 2\)"):
         task.dataset("train", image_size=8, patch_size=4, process_index=2, process_count=2)

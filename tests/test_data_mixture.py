@@ -315,11 +315,11 @@ def test_bad_iterator_arguments(mix):
         mix.iterator("train", batch_size=30, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="batch_size=30 .* divisible by process_count=4"):
         mix.eval_batches("test", batch_size=30, process_index=1, process_count=4)
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
         mix.iterator("train", batch_size=0, **SINGLE)
-    with pytest.raises(ValueError, match="start_step must be an int >= 0"):
+    with pytest.raises(ValueError, match="start_step=-1 must be an int >= 0"):
         mix.iterator("train", batch_size=8, start_step=-1, **SINGLE)
-    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+    with pytest.raises(ValueError, match="seed=-3 must be an int >= 0"):
         mix.iterator("train", batch_size=8, seed=-3, **SINGLE)
     with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 2\)"):
         mix.iterator("train", batch_size=8, process_index=2, process_count=2)

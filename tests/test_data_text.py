@@ -126,7 +126,8 @@ def test_a_prepared_text_dataset_trains_in_the_default_run(tmp_path):
 
     from ml_collections import config_flags
 
-    from multitask_moe.train import config_lib, train
+    from multitask_moe.core import config_lib
+    from multitask_moe.train import train
 
     data_dir = str(tmp_path / "tfds")
     # A prepared TFDS text dataset without supervised keys: the registry finds its Text

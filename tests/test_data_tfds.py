@@ -10,7 +10,7 @@ import pytest
 from test_data_support import image_tokens_reference
 
 from multitask_moe import data
-from multitask_moe.data import tasks as tasks_lib
+from multitask_moe.data import registry
 
 SIZES = {"cifar10": {"train": 50000, "test": 10000}, "mnist": {"train": 60000, "test": 10000}}
 NUM_MOCK_EXAMPLES = 12
@@ -114,20 +114,20 @@ def test_tfds_split_rules():
     def available(**sizes):
         return {name: types.SimpleNamespace(num_examples=n) for name, n in sizes.items()}
 
-    assert tasks_lib._tfds_splits("x", available(train=10, validation=3, test=4)) == {
+    assert registry._tfds_splits("x", available(train=10, validation=3, test=4)) == {
         "train": "train",
         "validation": "validation",
         "test": "test",
     }
     # No test split: validation becomes the test split and validation is carved from train.
-    assert tasks_lib._tfds_splits("x", available(train=1000, validation=50)) == {
+    assert registry._tfds_splits("x", available(train=1000, validation=50)) == {
         "train": "train[:900]",
         "validation": "train[900:]",
         "test": "validation",
     }
-    assert tasks_lib._tfds_splits("x", available(train=7)) == {
+    assert registry._tfds_splits("x", available(train=7)) == {
         "train": "train[:6]",
         "validation": "train[6:]",
     }
     with pytest.raises(ValueError, match="has no 'train' split"):
-        tasks_lib._tfds_splits("x", available(test=5))
+        registry._tfds_splits("x", available(test=5))

@@ -18,10 +18,11 @@ import time
 import numpy as np
 import pytest
 
+from multitask_moe.core import config_lib
 from multitask_moe.evolution import System, path_model, paths
 from multitask_moe.evolution.store import SystemCheckpoints
 from multitask_moe.evolve import evolve, settings_from_config
-from multitask_moe.train import config_lib
+from multitask_moe.models.surgery import adam_moment_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -110,6 +111,30 @@ def test_checkpoint_round_trip(grown, tmp_path):
     assert restored.rng.random() == system.rng.random()
 
 
+def test_an_unreadable_system_step_is_moved_aside_and_the_one_before_restores(grown, tmp_path):
+    """The system's checkpoints go through training's checkpoint layer: a damaged latest
+    generation is moved to system.unreadable/ with one warning, and the one before
+    restores whole."""
+    system, *_ = grown
+    directory = tmp_path / "system"
+    checkpoints = SystemCheckpoints(str(directory))
+    checkpoints.save(1, system)
+    checkpoints.save(2, system)
+    checkpoints.close()
+    arrays = list((directory / "2" / "arrays").glob("**/d/*"))  # the array data files
+    with open(max(arrays, key=lambda p: p.stat().st_size), "r+b") as f:  # a write cut short
+        f.truncate(64)
+    warnings = []
+    checkpoints = SystemCheckpoints(str(directory))
+    restored = checkpoints.restore(system.settings, warn=warnings.append)
+    assert checkpoints.latest_step() == 1
+    checkpoints.close()
+    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0]
+    assert (tmp_path / "system.unreadable" / "2").is_dir()
+    for task in system.best:
+        np.testing.assert_array_equal(restored.test_logits(task), system.test_logits(task))
+
+
 def test_a_checkpoint_with_moments_keyed_by_the_variables_value_restores(grown, tmp_path):
     """Older system checkpoints hold the Adam moments under the nnx Variable's `.value`
     path, and with expert slots a block held moments of leaves it does not own; they
@@ -145,8 +170,6 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     their bits, and the first task, which has no such slot, keeps its logits bit for bit;
     the system checkpoint round-trips the slots."""
     import jax
-
-    from multitask_moe.evolution import child as child_lib
 
     changes = {"model.moe_every": 2, "evolve.free_expert_slots": 2}
     system = System(settings_from_config(tiny_config(**changes)))
@@ -204,7 +227,7 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     moments = {
         key: np.asarray(leaf)
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
-        if (key := child_lib.adam_moment_key(key_path)) in trained.opt_state
+        if (key := adam_moment_key(key_path)) in trained.opt_state
     }
     assert moments.keys() == trained.opt_state.keys()
     for key, value in trained.opt_state.items():
@@ -288,7 +311,7 @@ def test_children_on_device_groups_run_expert_parallel_and_train_as_one_device_e
         moments = [
             leaf
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(grouped.opt_state)[0]
-            if (key := child_lib.adam_moment_key(key_path)) and key[1][-2:-1] == ("experts",)
+            if (key := adam_moment_key(key_path)) and key[1][-2:-1] == ("experts",)
         ]
         assert len(expert_leaves) == 2 and len(moments) == 4  # w_in, w_out; mu, nu
         for leaf in expert_leaves + moments:

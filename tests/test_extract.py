@@ -193,7 +193,7 @@ def test_bad_extractions_say_why_in_one_line_and_write_nothing(source, sliced, t
 def test_a_checkpoint_with_nan_is_refused_naming_the_step(source, tmp_path):
     import jax
 
-    from multitask_moe.train.checkpoint import Checkpoints
+    from multitask_moe.core.checkpoint import Checkpoints
 
     copy = tmp_path / "source"
     shutil.copytree(source, copy)

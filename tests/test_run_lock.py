@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from multihost import child_env, free_port  # noqa: I001 (tests/ is on the path)
 
-from multitask_moe.train.run_lock import LOCK_FILE, RunLock, RunLockError, claim
-from multitask_moe.train.setup import ConfigError
+from multitask_moe.core.run_lock import LOCK_FILE, RunLock, RunLockError, claim
+from multitask_moe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_train_evolve_and_extract_are_refused_before_building_anything(
     import multitask_moe.lifecycle.extraction as extraction
     import multitask_moe.train.train as train_module
     from multitask_moe import evolve as evolve_module
-    from multitask_moe.train import config_lib
+    from multitask_moe.core import config_lib
 
     calls = _refusing(monkeypatch, train_module, "prepare")
     calls += _refusing(monkeypatch, multitask_moe.evolution, "System")

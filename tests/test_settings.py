@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from multitask_moe import models
+from multitask_moe.core import config_lib
 from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
-from multitask_moe.train import config_lib
 
 TASKS, MODALITIES, TOKENS = [3, 4], ["tabular", "image"], (6, 4)
 

@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 from multihost import run_processes  # noqa: I001 (tests/ is on the path)
 
-from multitask_moe.train import ConfigError, NonFiniteLossError, config_lib, run, train_and_evaluate
-from multitask_moe.train import checkpoint as checkpoint_lib
-from multitask_moe.train.checkpoint import Checkpoints, CheckpointWriteError
-from multitask_moe.train.config_lib import parse_weights
+from multitask_moe.core import checkpoint as checkpoint_lib
+from multitask_moe.core import config_lib
+from multitask_moe.core.checkpoint import Checkpoints, CheckpointWriteError
+from multitask_moe.core.config_lib import parse_weights
+from multitask_moe.train import ConfigError, NonFiniteLossError, run, train_and_evaluate
 from multitask_moe.train.metrics import read_history
 from multitask_moe.train.setup import prepare
 
@@ -287,7 +288,7 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
     assert resumed == results  # from step HALF, bit-identical to the uninterrupted run
     warnings = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
     assert len(warnings) == 1 and f"checkpoint step {2 * HALF} in " in warnings[0]
-    aside = tmp_path / checkpoint_lib.UNREADABLE_DIR / str(2 * HALF)
+    aside = tmp_path / "checkpoints.unreadable" / str(2 * HALF)
     assert f"moved it to {aside}" in warnings[0]
     assert aside.is_dir()  # kept for a person to inspect, never deleted
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(HALF), str(2 * HALF)]
@@ -315,7 +316,7 @@ def test_a_damaged_step_falls_back_to_the_previous_one(experiment, reference, tm
         checkpoints.close()
     assert step == progress["data_step"] == HALF
     assert len(warnings) == 1 and f"step {2 * HALF}" in warnings[0]
-    assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
+    assert os.listdir(tmp_path / "checkpoints.unreadable") == [str(2 * HALF)]
 
 
 def test_killed_writes_partial_steps_are_cleared_by_the_next_writer_only(tmp_path):
@@ -621,7 +622,7 @@ def test_two_processes_move_a_damaged_step_aside_together(experiment, two_proces
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in (0, 1)]
     assert all(f"checkpoint step {2 * HALF} in" in log for log in logs), logs[0][-3000:]
     assert f"Resuming from step {HALF}" in logs[0] and "Traceback" not in logs[0] + logs[1]
-    assert os.listdir(tmp_path / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
+    assert os.listdir(tmp_path / "checkpoints.unreadable") == [str(2 * HALF)]
     _, _, expected = restore_latest(two_processes, experiment)
     _, _, params = restore_latest(tmp_path, experiment)
     for a, b in zip(expected, params, strict=True):
@@ -648,7 +649,7 @@ def test_two_processes_give_up_a_step_that_only_one_of_them_cannot_read(experime
     assert f"checkpoint step {2 * HALF} in" in logs[1], logs[1][-3000:]
     assert "process 1 could not read it" in logs[0], logs[0][-3000:]
     assert f"Resuming from step {HALF}" in logs[0] and "Traceback" not in logs[0] + logs[1]
-    assert os.listdir(damaged / checkpoint_lib.UNREADABLE_DIR) == [str(2 * HALF)]
+    assert os.listdir(damaged / "checkpoints.unreadable") == [str(2 * HALF)]
     _, _, expected = restore_latest(straight, experiment)  # onto the (2, 4) mesh
     _, _, params = restore_latest(damaged, experiment)
     for a, b in zip(expected, params, strict=True):

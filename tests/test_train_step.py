@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 
 from multitask_moe import models
-from multitask_moe.train import config_lib, metrics, state, step
-from multitask_moe.train.evaluate import results_table
+from multitask_moe.core import config_lib, state, step
+from multitask_moe.core.evaluate import results_table
+from multitask_moe.train import metrics
 
 
 def settings(num_tasks=3, task_weights=None, aux=None, layers=()):

@@ -16,8 +16,8 @@ from flax import nnx
 
 from multitask_moe import models
 from multitask_moe import moe as moe_lib
+from multitask_moe.core import state, step
 from multitask_moe.moe.usage import effective_experts, shares
-from multitask_moe.train import state, step
 
 E, K, T, B, L, D = 6, 2, 3, 6, 4, 8
 

@@ -27,7 +27,7 @@ _ARG = re.compile(r"^  (\w[\w, ]*): (.*)$")
 
 def source_meanings() -> dict[str, str]:
     """{dotted field: meaning} from the comments of base_config's source."""
-    from multitask_moe.train import config_lib
+    from multitask_moe.core import config_lib
 
     meanings: dict[str, str] = {}
     block: list[str] = []
@@ -82,7 +82,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def rows() -> list[tuple[str, object, str]]:
     """(dotted field, default, meaning) of every field of the base config, in order."""
     from multitask_moe import MoA, MoE
-    from multitask_moe.train import config_lib
+    from multitask_moe.core import config_lib
 
     config = config_lib.base_config()
     meanings = source_meanings()

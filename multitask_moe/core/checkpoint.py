@@ -1,8 +1,10 @@
-"""Orbax checkpoints of the train state plus the data position, in workdir/checkpoints.
+"""Orbax checkpoints of a run, in workdir/checkpoints, and of an evolving system, in
+workdir/system: one layer for both.
 
-Each checkpoint holds two items: "state" (the sharded train state pytree) and "progress"
-(JSON: the step, the number of batches the data iterator has served, the mesh it was
-written on). Saves are asynchronous: the loop goes on while the arrays are written, and
+Each checkpoint holds two items: arrays (a training run's "state", the sharded train state
+pytree; an evolution's "arrays", every live component's) and JSON (a run's "progress": the
+step, the number of batches the data iterator has served, the mesh it was written on; an
+evolution's "meta"). Saves are asynchronous: the loop goes on while the arrays are written, and
 only the next save or `close()` waits. Restoring takes the target shardings, so a
 checkpoint written on one mesh restores onto another (each process reads its shards).
 
@@ -11,9 +13,10 @@ when complete, so a run killed mid-write leaves the previous steps as they were.
 that fails (disk full, a directory made read-only) raises CheckpointWriteError naming the
 step and the path; older steps are only deleted after a newer one is committed. A step
 that cannot be read back (a truncated array file, a step directory missing parts) is
-moved to checkpoints.unreadable/ beside the checkpoints, never deleted, and the previous
-step is tried; in a multi-process run every process reads its own shards and then they
-agree, so all of them give up a step that any one of them could not read. A step whose
+moved to <directory>.unreadable/ beside the directory (checkpoints.unreadable/), never
+deleted, and the previous step is tried; in a multi-process run every process reads its
+own shards and then they agree, so all of them give up a step that any one of them could
+not read. A step whose
 arrays have other shapes than the model (the config changed) raises
 CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
 """
@@ -32,6 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from multitask_moe.errors import one_line
+from multitask_moe.models.surgery import key_names, path_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +90,6 @@ def abstract_storable(abstract_state):
     return jax.tree.map(convert, abstract_state)
 
 
-UNREADABLE_DIR = "checkpoints.unreadable"
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message names the step and the path."""
 
@@ -103,17 +106,24 @@ class CheckpointShapeError(ValueError):
 
 
 class Checkpoints:
-    """CheckpointManager for one workdir: save(step, state, progress), restore(step, ...),
-    restore_latest_readable(...)."""
+    """CheckpointManager for one directory: save(step, state, progress), restore(step,
+    ...), restore_latest_readable(...)."""
 
     def __init__(
-        self, directory: str, *, keep: int, enable_async: bool = True, writer: bool = False
+        self,
+        directory: str,
+        *,
+        keep: int,
+        enable_async: bool = True,
+        writer: bool = False,
+        items: tuple[str, str] = ("state", "progress"),
     ):
         """writer: this is the run that writes here (it holds the workdir's run lock), so
         the partial step directories a killed run left (`<step>.orbax-checkpoint-tmp`,
         never a checkpoint) are removed now. Rewriting the same step over one of them
         failed in a resumed run ("NOT_FOUND ... Error reading Byte range" in its OCDBT
-        files); a reader must leave them, they may be a live run's write."""
+        files); a reader must leave them, they may be a live run's write.
+        items: the names of the arrays item and the JSON item in each step."""
         # Orbax wants an absolute path; gs:// buckets already are.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
@@ -125,13 +135,14 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_names=("state", "progress"),
+            item_names=items,
             # Named handlers, so the saved shapes can be read without restoring the arrays.
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "progress": ocp.JsonCheckpointHandler(),
+                items[0]: ocp.StandardCheckpointHandler(),
+                items[1]: ocp.JsonCheckpointHandler(),
             },
         )
+        self.items = items
         self._writing: int | None = None  # the step whose asynchronous write may be running
         # Reads go through a Checkpointer of this process alone. The manager's restore
         # ends in a barrier of all processes, which a process whose read failed never
@@ -142,8 +153,10 @@ class Checkpoints:
         )
         self._reader = ocp.Checkpointer(
             ocp.CompositeCheckpointHandler(
-                state=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
-                progress=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+                **{
+                    items[0]: ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+                    items[1]: ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+                }
             ),
             multiprocessing_options=alone,
         )
@@ -164,8 +177,10 @@ class Checkpoints:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(to_storable(state)),
-                    progress=ocp.args.JsonSave(_plain(progress)),
+                    **{
+                        self.items[0]: ocp.args.StandardSave(to_storable(state)),
+                        self.items[1]: ocp.args.JsonSave(_plain(progress)),
+                    }
                 ),
                 force=True,
             )
@@ -178,26 +193,29 @@ class Checkpoints:
         kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
         return CheckpointWriteError(
             f"could not write checkpoint step {step} to {self.directory}: "
-            f"{_one_line(error)}; {kept}"
+            f"{one_line(error, limit=200)}; {kept}"
         )
 
     def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
         """{array path: shape} of `step`'s state as its metadata records it; None when the
         metadata cannot be read (the restore then decides)."""
         try:
-            metadata = self.manager.item_metadata(step)["state"]
+            metadata = self.manager.item_metadata(step)[self.items[0]]
             leaves = jax.tree_util.tree_flatten_with_path(dict(metadata))[0]
         except Exception:  # noqa: BLE001 -- unreadable metadata: a damaged step
             return None
-        return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+        return {
+            path_text(key_names(path, variables=True)): tuple(leaf.shape) for path, leaf in leaves
+        }
 
     def check_shapes(self, step: int, abstract_state) -> None:
-        """CheckpointShapeError when `step` was saved with other array shapes."""
-        saved = self.saved_shapes(step)
+        """CheckpointShapeError when `step` was saved with other array shapes (nothing to
+        compare with for abstract_state=None)."""
+        saved = None if abstract_state is None else self.saved_shapes(step)
         if saved is None:
             return
         expected = {
-            _path_name(path): tuple(leaf.shape)
+            path_text(key_names(path, variables=True)): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(
                 abstract_storable(abstract_state)
             )[0]
@@ -221,7 +239,8 @@ class Checkpoints:
     def restore_latest_readable(
         self, abstract_state, warn: Callable[[str], None]
     ) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, progress) of the newest step that restores, or None if none.
+        """(step, state, progress) of the newest step that restores, or None if none
+        (abstract_state: as for `restore`).
 
         A step that does not restore, on this process or any other, is moved aside (`warn`
         gets one line naming it and where it went) and the one before is tried.
@@ -276,7 +295,7 @@ class Checkpoints:
                 [],
             )
         if failure is not None:
-            return _one_line(failure)
+            return one_line(failure, limit=200)
         failed = [str(i) for i in np.flatnonzero(statuses)]
         if failed:
             return f"process{'es' if len(failed) > 1 else ''} {', '.join(failed)} could not read it"
@@ -284,7 +303,7 @@ class Checkpoints:
 
     def move_aside(self, step: int) -> str:
         """Moves step `step` out of the checkpoint directory; returns where it went."""
-        target_dir = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+        target_dir = f"{self.directory}.unreadable"
         target = os.path.join(target_dir, str(step))
         if jax.process_index() == 0:
             tf_gfile().makedirs(target_dir)
@@ -299,18 +318,25 @@ class Checkpoints:
         return target
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-        """Restores `step` onto the shardings of `abstract_state` (any mesh). Each process
-        reads its own shards with no barrier; a failure raises on the processes it hit
-        only (restore_latest_readable makes them agree)."""
+        """Restores `step` onto the shardings of `abstract_state` (any mesh), or, for
+        abstract_state=None, as the arrays were saved (an evolving system, whose pool
+        the JSON item describes). Each process reads its own shards with no barrier; a
+        failure raises on the processes it hit only (restore_latest_readable makes them
+        agree)."""
+        target = None if abstract_state is None else abstract_storable(abstract_state)
         restored = self._reader.restore(
             os.path.join(self.directory, str(step)),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_storable(abstract_state)),
-                progress=ocp.args.JsonRestore(),
+                **{
+                    self.items[0]: ocp.args.StandardRestore(target),
+                    self.items[1]: ocp.args.JsonRestore(),
+                }
             ),
         )
-        state = from_storable(restored["state"], abstract_state)
-        return state, dict(restored["progress"])
+        state = restored[self.items[0]]
+        if abstract_state is not None:
+            state = from_storable(state, abstract_state)
+        return state, dict(restored[self.items[1]])
 
     def wait(self) -> None:
         """Waits for the running write; CheckpointWriteError if it failed."""
@@ -393,26 +419,8 @@ def tf_gfile():
     return tf.io.gfile
 
 
-def _path_name(path) -> str:
-    """A tree path as "params/blocks/1/mlp/..." (dict keys, attributes, indices)."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
 def _shape(shape) -> str:
     return "absent" if shape is None else f"[{', '.join(str(n) for n in shape)}]"
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _plain(value):

@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Every option of the sparse layers, named and defaulted as in the layers' constructors
     # (multitask_moe.MoE / MoA; the settings classes beside them). d_hidden=0 means
     # mlp_dim // top_k (the active compute of one dense MLP); group_size=None means one
-    # routing group per device's share of a batch (setup.routing_group_size).
+    # routing group per device's share of a batch (core/build.py routing_group_size).
     c.model.moe = settings_section(MoESettings, num_experts=8, top_k=2, d_hidden=0)
     c.model.moa = settings_section(MoASettings, num_experts=8, top_k=2, head_dim=16)
     # Settings of single sparse layers over the two sections above, by layer name, e.g.

@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from multitask_moe.train.metrics import per_task_eval
-from multitask_moe.train.step import EVAL_KEYS, TRAIN_KEYS, sum_trees  # noqa: F401
+from multitask_moe.core.step import EVAL_KEYS, sum_trees
 
 
 def global_batch(
@@ -53,7 +52,7 @@ def evaluate(
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Runs eval_step over `batches` (data.Mixture.eval_batches); `groups` of tasks get
-    their own mean accuracy (metrics.per_task_eval).
+    their own mean accuracy (per_task_eval).
 
     Returns (`<prefix>/<task>/accuracy|loss` scalars, {layer: task x expert token counts
     [T, E]}). Sums stay on device until the end: one host transfer per evaluation.
@@ -109,3 +108,31 @@ def results_table(
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.insert(len(lines) - len(means), lines[1])
     return "\n".join(lines)
+
+
+def per_task_eval(
+    sums: Mapping[str, np.ndarray],
+    task_names: Sequence[str],
+    prefix: str,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, float]:
+    """Eval sums (see step.make_eval_step) -> `<prefix>/<task>/accuracy|loss` scalars,
+    `<prefix>/mean_accuracy`, and `<prefix>/<group>_mean_accuracy` for each group of
+    tasks (e.g. {"seen": [...], "new": [...]} of a warm-started run)."""
+    out = {}
+    accuracies = []
+    for index, name in enumerate(task_names):
+        count = float(sums["count"][index])
+        if count == 0:
+            raise ValueError(f"the {prefix} split of task {name!r} has no examples")
+        out[f"{prefix}/{name}/accuracy"] = float(sums["correct_sum"][index]) / count
+        out[f"{prefix}/{name}/loss"] = float(sums["loss_sum"][index]) / count
+        out[f"{prefix}/{name}/num_examples"] = count
+        accuracies.append(out[f"{prefix}/{name}/accuracy"])
+    out[f"{prefix}/mean_accuracy"] = float(np.mean(accuracies))
+    for group, names in (groups or {}).items():
+        if names:
+            out[f"{prefix}/{group}_mean_accuracy"] = float(
+                np.mean([out[f"{prefix}/{name}/accuracy"] for name in names])
+            )
+    return out

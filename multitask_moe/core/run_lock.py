@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import tensorflow as tf
 
 from multitask_moe import parallel
-from multitask_moe.train.setup import ConfigError
+from multitask_moe.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 

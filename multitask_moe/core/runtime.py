@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -91,6 +91,22 @@ def loaded_config(value, flag_text: str) -> ml_collections.ConfigDict:
             fail(f"could not load --config={path}: no such file (expected configs/<name>.py)")
         fail(f"could not load --config={path}: {error}")
     return value
+
+
+def command_config(argv: list[str], config_flag, workdir_flag, example: str):
+    """The --config of a command that takes --config and --workdir (train, evolve), with
+    what each checks first: no positional argument, a --workdir; TFDS's per-dataset INFO
+    lines silenced unless --verbosity is given; and JAX configured from the config before
+    anything touches a device. Any problem is one `error:` line, exit status 2."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> overrides")
+    config = loaded_config(config_flag.value, flags.FLAGS[config_flag.name].serialize())
+    if not workdir_flag.value:
+        fail(f"--workdir is required (e.g. --workdir={example})")
+    configure_jax(config)
+    return config
 
 
 def parse_mesh(text: str) -> dict[str, int] | None:

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from multitask_moe.train.step import weight_decay_mask
+from multitask_moe.core.step import weight_decay_mask
 
 
 def adamw(

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from multitask_moe.models.freezing import keep_frozen
+from multitask_moe.models.surgery import keep_frozen
 from multitask_moe.moe.usage import effective_experts
 
 # Scalar entries of a sparse layer's aux that become losses, by config weight name.

@@ -15,19 +15,21 @@ import jax
 import ml_collections
 import tensorflow as tf
 
-from multitask_moe.train.checkpoint import Checkpoints
-from multitask_moe.train.config_lib import CONFIG_FILE, read_config
-from multitask_moe.train.setup import ConfigError, Experiment, prepare
+from multitask_moe.core import build
+from multitask_moe.core.build import Experiment
+from multitask_moe.core.checkpoint import Checkpoints
+from multitask_moe.core.config_lib import CONFIG_FILE, read_config
+from multitask_moe.errors import ConfigError, one_line
 
 
-class WorkdirError(ValueError):
+class WorkdirError(ConfigError):
     """A directory that holds no restorable model; the message says what is missing."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """A model restored from a directory: its prepared experiment (eval step compiled) and
-    its latest state, on experiment.mesh."""
+    """A model restored from a directory: its experiment (core/build.py: no warm start,
+    no train step; the eval step compiled) and its latest state, on experiment.mesh."""
 
     directory: str
     experiment: Experiment
@@ -61,9 +63,9 @@ def restore(
     config = config.copy_and_resolve_references()
     if mesh is not None:
         config.mesh = ml_collections.ConfigDict(dict(mesh))
-    # A warm-started run restores from its own checkpoint: its source need not exist.
-    config.init_from, config.new_task_init, config.freeze = "", "scratch", "none"
-    experiment = prepare(config, compile_train=False, compile_eval=compile_eval)
+    # Built without the warm-start planner: a warm-started run restores from its own
+    # checkpoint, and its source need not exist any more.
+    experiment = build.experiment(build.resolve(config), compile_eval=compile_eval)
     checkpoints = Checkpoints(checkpoint_dir, keep=config.keep_checkpoints, enable_async=False)
     try:
         step = checkpoints.latest_step()
@@ -75,7 +77,7 @@ def restore(
                 state, progress = checkpoints.restore(step, experiment.model.spec.abstract)
             except Exception as error:  # noqa: BLE001 -- tensorstore, JSON, I/O errors
                 # Reading never moves anything: a training run of this workdir does that.
-                reason = " ".join(str(error).split())[:200]
+                reason = one_line(error, limit=200)
                 raise WorkdirError(
                     f"checkpoint step {step} in {checkpoint_dir} is unreadable ({reason})"
                 ) from None

@@ -43,6 +43,7 @@ Tasks with weight 0 keep their task id (and are evaluated) but are never sampled
 
 from multitask_moe.data.mixture import Mixture
 from multitask_moe.data.rates import RATE_KINDS, mixing_rates
+from multitask_moe.data.registry import get_task
 from multitask_moe.data.tasks import (
     DATA_DIR_ENV,
     EMBEDDED_TASKS,
@@ -51,7 +52,6 @@ from multitask_moe.data.tasks import (
     DatasetNotPreparedError,
     Task,
     default_data_dir,
-    get_task,
 )
 
 __all__ = [

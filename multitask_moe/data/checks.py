@@ -1,7 +1,6 @@
 """Argument checks shared by a mixture's entry points (plain Python; no data is read).
 
 parse_weights      {name: weight} or [name, ...] -> names, weights (ValueError if bad)
-check_int          an int >= a minimum (numpy ints too, never a bool)
 resolve_process    (process_index, process_count), None meaning jax's own
 local_batch_size   K = B / process_count, the rows of one process's slice of a batch
 """
@@ -13,16 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
 
-import numpy as np
-
 from multitask_moe.data import tasks as tasks_lib
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """`value` as an int; ValueError unless it is an int >= `minimum`."""
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+from multitask_moe.errors import check_int
 
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -38,7 +29,7 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
 
 def local_batch_size(batch_size: object, process_count: int) -> int:
     """K = batch_size / process_count: `batch_size` is the global batch."""
-    batch_size = check_int("batch_size", batch_size, 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if batch_size % process_count:
         raise ValueError(
             f"batch_size={batch_size} (the global batch) must be divisible by "
@@ -74,8 +65,8 @@ def stream_args(
         split=split,
         batch_size=batch_size,
         local=local,
-        seed=check_int("seed", seed, 0),
-        start_step=check_int("start_step", start_step, 0),
+        seed=check_int(seed, "seed", 0),
+        start_step=check_int(start_step, "start_step", 0),
         process=process,
     )
 

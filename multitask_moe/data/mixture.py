@@ -23,9 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from multitask_moe.data import checks, evaluation, global_order, process_order, split_cache
+from multitask_moe.data import (
+    checks,
+    evaluation,
+    global_order,
+    process_order,
+    registry,
+    split_cache,
+)
 from multitask_moe.data import rates as rates_lib
 from multitask_moe.data import tasks as tasks_lib
+from multitask_moe.errors import check_int
 
 ORDERS = ("process", "global")
 
@@ -90,9 +98,9 @@ class Mixture:
             raise ValueError(f"rate={rate!r} is not one of {rates_lib.RATE_KINDS}.")
         tasks_lib.check_image_layout(image_size, patch_size)
         self.image_size, self.patch_size = image_size, patch_size
-        self.shuffle_buffer = checks.check_int("shuffle_buffer", shuffle_buffer, 1)
-        self.cache_bytes = checks.check_int("cache_bytes", cache_bytes, 0)
-        self.tasks = [tasks_lib.get_task(name, data_dir) for name in names]
+        self.shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
+        self.cache_bytes = check_int(cache_bytes, "cache_bytes", 0)
+        self.tasks = [registry.get_task(name, data_dir) for name in names]
         self.tasks = [
             task.limited(train_examples[task.name], subset_seed)
             if task.name in train_examples
@@ -109,7 +117,7 @@ class Mixture:
         self.rates = rates_lib.mixing_rates(
             weights, rate, num_examples=num_examples, cap=cap, temperature=temperature
         )
-        min_tokens, min_width = (checks.check_int("min_token_shape", n, 0) for n in min_token_shape)
+        min_tokens, min_width = (check_int(n, "min_token_shape", 0) for n in min_token_shape)
         self.token_shape = (
             max(min_tokens, *(task.num_tokens(image_size, patch_size) for task in self.tasks)),
             max(min_width, *(task.token_dim(image_size, patch_size) for task in self.tasks)),
@@ -185,7 +193,7 @@ class Mixture:
             import jax
 
             process_count = jax.process_count()
-        count = checks.check_int("process_count", process_count, 1)
+        count = check_int(process_count, "process_count", 1)
         local = checks.local_batch_size(batch_size, count)
         return self._eval.num_batches(task_id, split, count, local)
 

@@ -1,4 +1,4 @@
-"""Training one child path: training's step (train/step.py) with the frozen mask and
+"""Training one child path: training's step (core/step.py) with the frozen mask and
 the learning rate as inputs, so every child of one architecture runs one compiled program.
 
     steps = ChildSteps.build(graphdef, sparse_layers, aux_weights, weight_decay)
@@ -23,9 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from multitask_moe.evolution import path_model
-from multitask_moe.train.state import adamw
-from multitask_moe.train.step import AUX_LOSSES, LossSettings, make_train_step
+from multitask_moe.core.state import adamw
+from multitask_moe.core.step import AUX_LOSSES, LossSettings, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,7 @@ class ChildSteps:
     """The jitted train and eval steps of one architecture.
 
     train_step(state, opt_state, batch, trainable) -> (state, opt_state, task loss) is
-    training's one step (train/step.py) with the child's masks as traced inputs and its
+    training's one step (core/step.py) with the child's masks as traced inputs and its
     learning rate in opt_state (state.adamw(learning_rate_in_state=True)); state here is
     {"params", "model_state"}, the optimizer state beside it.
     """
@@ -166,17 +165,6 @@ def train(
                 best = Trained(state, opt_state, quality, [])
     best.losses = [float(v) for v in losses]
     return best
-
-
-def adam_moment_key(key_path) -> tuple[str, tuple] | None:
-    """("mu" | "nu", parameter path) of an Adam moment leaf of `optimizer`'s state; None
-    for other leaves (the step count, the injected hyperparameters)."""
-    names = [getattr(k, "name", None) for k in key_path]
-    for slot in ("mu", "nu"):
-        if slot in names:
-            index = names.index(slot)
-            return slot, path_model.key_names(key_path[index + 1 :])
-    return None
 
 
 def finite_rows(state, count: int | None):

@@ -43,13 +43,12 @@ import numpy as np
 from flax import nnx
 
 from multitask_moe import models
-from multitask_moe.models.transplant import axis_tags
-from multitask_moe.train import checkpoint
+from multitask_moe.core import checkpoint
+from multitask_moe.models.surgery import KeyPath, axis_tags, flatten, key_names, unflatten
 
 HEAD_LEAVES = ("head_kernel", "head_bias", "task_embedding", "task_loss_scale")
 # Leaves set from the architecture, owned by no component: which expert slots route.
 ARCH_LEAVES = ("active_experts",)
-Path = tuple  # a leaf's key path in the nested pure dict: ("blocks", 1, "mlp", ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +89,15 @@ def expert_name(block: int, slot: int) -> str:
 class Values:
     """One component's arrays, as {leaf path: numpy array} for parameters and statistics."""
 
-    params: dict[Path, np.ndarray]
-    statistics: dict[Path, np.ndarray]
+    params: dict[KeyPath, np.ndarray]
+    statistics: dict[KeyPath, np.ndarray]
 
     @property
     def size(self) -> int:
         return int(sum(np.size(v) for v in self.params.values()))
 
 
-def component_of(path: Path) -> str:
+def component_of(path: KeyPath) -> str:
     """The component a state leaf belongs to, from its path."""
     first = path[0]
     if first in HEAD_LEAVES:
@@ -139,42 +138,6 @@ def build(
     return graphdef, {"params": params, "model_state": model_state}
 
 
-def flatten(state: nnx.State) -> dict[Path, object]:
-    """nnx.State -> {leaf path: value} of its pure dict (list indices as ints)."""
-    pure = nnx.to_pure_dict(state)
-    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
-    return {key_names(path): leaf for path, leaf in leaves}
-
-
-def key_names(key_path) -> Path:
-    """A jax key path into an nnx.State (or an optimizer state over one) as the leaf's
-    path in the pure dict ("blocks", 1, ..., "kernel"): without the Variable's `.value`
-    attribute, which the pure dict, the Layout and the component pool do not have."""
-    return tuple(
-        _key(entry)
-        for entry in key_path
-        if not (isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value")
-    )
-
-
-def _key(entry) -> object:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return entry
-
-
-def unflatten(flat: Mapping[Path, object]) -> dict:
-    """{leaf path: value} -> the nested pure dict."""
-    nested: dict = {}
-    for path, value in flat.items():
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return nested
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Which component owns each leaf of a path model, or each expert slice of a leaf.
@@ -184,7 +147,7 @@ class Layout:
     """
 
     arch: Architecture
-    axes: Mapping[Path, int]
+    axes: Mapping[KeyPath, int]
 
     @classmethod
     def of(cls, arch: Architecture, state: Mapping[str, nnx.State]) -> Layout:
@@ -206,10 +169,10 @@ class Layout:
                     axes[path] = axis
         return cls(arch, axes)
 
-    def _slots(self, path: Path) -> tuple[int, ...]:
+    def _slots(self, path: KeyPath) -> tuple[int, ...]:
         return dict(self.arch.experts)[path[1]]
 
-    def pieces(self, path: Path, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    def pieces(self, path: KeyPath, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """[(component, its part of `value`)] for the leaf at `path`: the whole leaf, or
         for an expert-indexed leaf one slice per active slot (value [.., S, ..] -> [.., ..],
         S slots on the leaf's slot axis)."""
@@ -220,7 +183,7 @@ class Layout:
         axis = self.axes[path]
         return [(expert_name(path[1], k), np.take(value, k, axis=axis)) for k in self._slots(path)]
 
-    def joined(self, path: Path, fresh: np.ndarray, part_of) -> np.ndarray:
+    def joined(self, path: KeyPath, fresh: np.ndarray, part_of) -> np.ndarray:
         """The leaf at `path` from its components' parts (`part_of(component)`, None where a
         component has none, e.g. no optimizer state yet: `fresh` stays there); the inverse
         of `pieces`. Free slots keep `fresh`'s values, which routing never reads."""
@@ -243,7 +206,7 @@ class Layout:
         mask[list(dict(self.arch.experts).get(block, ()))] = True
         return mask
 
-    def trainable_mask(self, path: Path, shape, trainable: Mapping[str, bool]) -> np.ndarray:
+    def trainable_mask(self, path: KeyPath, shape, trainable: Mapping[str, bool]) -> np.ndarray:
         """A bool mask broadcastable to the leaf: per slot for an expert-indexed leaf (the
         same shape for every active set, so one compile), else a scalar."""
         if path[-1] in ARCH_LEAVES:

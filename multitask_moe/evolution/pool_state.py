@@ -17,6 +17,7 @@ import numpy as np
 from multitask_moe.evolution import child, path_model
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path
+from multitask_moe.models.surgery import adam_moment_key
 
 
 def assemble(pool: ComponentPool, path: Path, arch: path_model.Architecture, fresh) -> dict:
@@ -29,7 +30,7 @@ def assemble(pool: ComponentPool, path: Path, arch: path_model.Architecture, fre
 
 
 def inherit_moments(pool: ComponentPool, path: Path, arch, state, opt_state):
-    """`opt_state` (fresh, of train.state.adamw with the rate in state) with the stored
+    """`opt_state` (fresh, of core.state.adamw with the rate in state) with the stored
     Adam moments of the path's trainable components (clones) in their leaves or expert
     slices."""
     stored = {}
@@ -43,7 +44,7 @@ def inherit_moments(pool: ComponentPool, path: Path, arch, state, opt_state):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
     out = []
     for key_path, leaf in leaves:
-        key = child.adam_moment_key(key_path)
+        key = adam_moment_key(key_path)
         if key is None:
             out.append(leaf)
             continue
@@ -61,7 +62,7 @@ def store(pool: ComponentPool, path: Path, arch, trained: child.Trained) -> None
     layout = path_model.Layout.of(arch, trained.state)
     moments: dict[str, dict] = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(trained.opt_state)[0]:
-        key = child.adam_moment_key(key_path)
+        key = adam_moment_key(key_path)
         if key is None:
             continue
         for name, piece in layout.pieces(key[1], np.array(leaf, copy=True)):

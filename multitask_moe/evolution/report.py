@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 from multitask_moe.evolution.system import System
@@ -24,14 +21,6 @@ def summary(system: System, baseline: dict | None = None) -> dict:
         "components_alive": len(system.pool),
         "baseline": baseline or {},
     }
-
-
-def write_json(path: str, contents: dict) -> None:
-    """Written beside and renamed over: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(contents, f, indent=2)
-    os.replace(tmp, path)
 
 
 def table(system: System, baseline: dict | None = None) -> str:

@@ -1,6 +1,6 @@
 """The settings of an evolution run (configs/evolve.py builds them from a config) and the
 ladders its hyperparameter mutations climb; `Settings.check` refuses what cannot run
-with one line naming the value and what is allowed."""
+with one line (ConfigError) naming the value and what is allowed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
+from multitask_moe.errors import ConfigError, check_int
 from multitask_moe.evolution import mutation
 from multitask_moe.evolution.paths import check_size_scale
 
@@ -56,41 +57,35 @@ class Settings:
 
     def check(self) -> None:
         if not self.tasks:
-            raise ValueError("tasks is empty; give at least one task to introduce")
+            raise ConfigError("tasks is empty; give at least one task to introduce")
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:
-            raise ValueError(f"tasks {repeated} appear twice; each task is introduced once")
+            raise ConfigError(f"tasks {repeated} appear twice; each task is introduced once")
         check_size_scale(self.size_scale)
         if not 0 <= self.mu <= 1:
-            raise ValueError(f"mu={self.mu} must be in [0, 1] (a mutation probability)")
+            raise ConfigError(f"mu={self.mu} must be in [0, 1] (a mutation probability)")
         for name in LADDERS:
             mutation.check_ladder(name, getattr(self, name), LADDERS[name])
-        slots = self.free_expert_slots
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
-            raise ValueError(f"free_expert_slots={slots!r} must be an int >= 0")
+        slots = check_int(self.free_expert_slots, "free_expert_slots", 0, error=ConfigError)
         if slots and not self.model.moe_every:
-            raise ValueError(
+            raise ConfigError(
                 f"free_expert_slots={slots} needs MoE blocks; this model has none (moe_every=0)"
             )
         for name in ("generations", "children", "steps", "validations", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+            check_int(getattr(self, name), name, 1, error=ConfigError)
         self._check_devices_per_child()
 
     def _check_devices_per_child(self) -> None:
         """devices_per_child divides what it splits: the devices into groups, a child's
         experts (its slots) and its batches."""
-        n = self.devices_per_child
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"devices_per_child={n!r} must be an int >= 1")
+        n = check_int(self.devices_per_child, "devices_per_child", 1, error=ConfigError)
         if n == 1:  # nothing to split; and JAX need not start for a check
             return
         devices = jax.device_count()
         if n > devices:
-            raise ValueError(f"devices_per_child={n} must be in [1, {devices}] (devices)")
+            raise ConfigError(f"devices_per_child={n} must be in [1, {devices}] (devices)")
         if devices % n:
-            raise ValueError(
+            raise ConfigError(
                 f"devices_per_child={n} does not divide the {devices} devices into groups"
             )
         sizes = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
@@ -102,7 +97,7 @@ class Settings:
             sizes["moa.num_experts"] = int(self.model.moa.num_experts)
         for name, size in sizes.items():
             if size % n:
-                raise ValueError(
+                raise ConfigError(
                     f"devices_per_child={n} does not divide {name}={size}; a child splits "
                     "its experts and its batches over its devices"
                 )

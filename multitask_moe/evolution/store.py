@@ -5,22 +5,25 @@ moments, by component id) and "meta" (JSON: the components' names, locks and ori
 the paths with their architectures and scores, the finished tasks, the records, where the
 run stands and the random generator's state). Orbax writes a step into a temporary
 directory and renames it when complete, so a run killed at any moment resumes from the
-last whole generation with every lock as it was.
+last whole generation with every lock as it was; a step that cannot be read is moved
+aside and the generation before resumes (core/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
 
 import numpy as np
-import orbax.checkpoint as ocp
 
+from multitask_moe.core.checkpoint import Checkpoints
 from multitask_moe.evolution.components import Component, ComponentPool
 from multitask_moe.evolution.path_model import Architecture
 from multitask_moe.evolution.paths import Path
 from multitask_moe.evolution.settings import Settings
 from multitask_moe.evolution.system import System
+
+logger = logging.getLogger(__name__)
 
 
 def encode(path: tuple) -> str:
@@ -33,56 +36,39 @@ def decode(text: str) -> tuple:
 
 
 class SystemCheckpoints:
-    """CheckpointManager of one evolution workdir (workdir/system)."""
+    """The checkpoints of one evolution workdir (workdir/system), through the checkpoint
+    layer training uses (core/checkpoint.py): atomic steps, a killed run's partial
+    steps removed (the evolution command is the only writer), an unreadable step moved
+    aside to system.unreadable/ and the one before restored, a failed write named."""
 
     def __init__(self, directory: str, keep: int = 2):
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            # The evolution command is the only writer: a killed run's partial step
-            # directories are removed (see train.checkpoint.Checkpoints).
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                enable_async_checkpointing=False,
-                cleanup_tmp_directories=True,
-            ),
-            item_names=("arrays", "meta"),
-            item_handlers={
-                "arrays": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+        self.checkpoints = Checkpoints(
+            directory, keep=keep, enable_async=False, writer=True, items=("arrays", "meta")
         )
+        self.directory = self.checkpoints.directory
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return self.checkpoints.latest_step()
 
     def save(self, step: int, system: System) -> None:
+        """Writes `step` and waits for it (CheckpointWriteError if it cannot)."""
         arrays, meta = _serialize(system)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        self.checkpoints.save(step, arrays, meta)
+        self.checkpoints.wait()
 
-    def restore(self, settings: Settings) -> System | None:
-        """The system of the latest step (built on `settings`), or None if there is none."""
-        step = self.latest_step()
-        if step is None:
+    def restore(self, settings: Settings, warn=logger.warning) -> System | None:
+        """The system of the latest readable step (built on `settings`), or None if there
+        is none; `warn` gets one line for each unreadable step moved aside."""
+        restored = self.checkpoints.restore_latest_readable(None, warn)
+        if restored is None:
             return None
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
+        _, arrays, meta = restored
         system = System(settings)
-        _deserialize(system, restored["arrays"], dict(restored["meta"]))
+        _deserialize(system, arrays, dict(meta))
         return system
 
     def close(self) -> None:
-        self.manager.close()
+        self.checkpoints.close()
 
 
 def _serialize(system: System) -> tuple[dict, dict]:

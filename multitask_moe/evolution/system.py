@@ -26,12 +26,13 @@ import numpy as np
 from flax import nnx
 
 from multitask_moe import data
+from multitask_moe.core.state import with_learning_rate
 from multitask_moe.evolution import child as child_lib
-from multitask_moe.evolution import mutation, path_model, pool_state, sampling, together
+from multitask_moe.evolution import offspring, path_model, pool_state, sampling, together
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path, accounted_params, score
 from multitask_moe.evolution.settings import LADDERS, Settings
-from multitask_moe.train.state import with_learning_rate
+from multitask_moe.models.surgery import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class System:
         if slots:  # the root's experts fill the first slots of every MoE block
             moe_blocks = sorted(
                 path[1]
-                for path in path_model.flatten(fresh["model_state"])
+                for path in flatten(fresh["model_state"])
                 if path[-1] in path_model.ARCH_LEAVES
             )
             used = tuple(range(experts))
@@ -151,90 +152,9 @@ class System:
     # -- one child ------------------------------------------------------------------------
 
     def mutate(self, parent_id: int, task: str) -> tuple[int, dict[str, bool]]:
-        """A new child path of `parent_id` for `task`; returns (path id, {component: trainable})."""
-        parent, parent_arch = self.paths[parent_id], self.arch[parent_id]
-        rng = self.rng
-        hparams = mutation.mutate_hparams(rng, parent.hparams, LADDERS)
-        mu = float(hparams["mu"])
-        depth = parent_arch.depth
-        if rng.random() < mu:  # drop the top block, or take one more of the root's
-            root_depth = self.arch[self.root].depth
-            grow = depth < root_depth and (depth == 1 or rng.random() < 0.5)
-            depth = depth + 1 if grow else max(depth - 1, 1)
-        adapters = {i: s for i, s in parent_arch.adapters if i < depth}
-        free = [i for i in range(depth) if i not in adapters]
-        if free and rng.random() < mu:
-            adapters[int(rng.choice(free))] = int(hparams["adapter_size"])
-        experts, expert_clones = self._mutate_experts(rng, parent_id, depth, mu)
-        num_classes, modality = self.task_info[task]
-        arch = path_model.Architecture(
-            depth,
-            tuple(sorted(adapters.items())),
-            num_classes,
-            modality,
-            expert_slots=parent_arch.expert_slots,
-            experts=experts,
-        )
-
-        inherited = {**self.named_components(parent_id), **expert_clones}
-        root = self.named_components(self.root)
-        new_parts = None
-        components, trainable = [], {}
-        other_task = parent.task != task
-        for name in arch.component_names():
-            source = inherited.get(name)
-            if name == "head" and other_task:
-                source = None  # a new head for a new task
-            if name == "stem" and modality != parent_arch.modality:
-                source = None
-            if name.startswith("block") and source is None:
-                source = root.get(name)  # a block (or an expert of one) of the root
-            if name.startswith("adapter") and source is not None:
-                size = dict(parent_arch.adapters)[int(name.removeprefix("adapter"))]
-                source = source if size == adapters[int(name.removeprefix("adapter"))] else None
-            if source is None:
-                if new_parts is None:
-                    new_parts = path_model.split(self._fresh(arch)[1], arch)
-                cid = self.pool.add(
-                    name, new_parts[name].params, statistics=new_parts[name].statistics
-                )
-                self.lineage[cid] = "new"
-            else:
-                ((_, action),) = mutation.component_actions(rng, [source], self.pool, mu)
-                if name in expert_clones:  # an expert cloned into a free slot
-                    action = mutation.CLONE
-                cid = self.pool.clone(source, name) if action == mutation.CLONE else source
-                if cid != source:  # a clone of a locked component, or of this task's own
-                    own = not self.pool[source].locks
-                    self.lineage[cid] = self.lineage.get(source, "cloned") if own else "cloned"
-            components.append(cid)
-            trainable[name] = self.pool[cid].trainable
-        child = self._add_path(task, components, hparams, arch, parent=parent_id)
-        return child, trainable
-
-    def _mutate_experts(self, rng, parent_id: int, depth: int, mu: float):
-        """(active slots per MoE block below `depth`, {new slot's component name: the
-        expert component it clones}). Each MoE block with a free slot clones one of its
-        experts, chosen uniformly, into its lowest free slot with probability mu; a block
-        taken from the root (one more block) comes with the root's experts. Without
-        expert slots: ((), {}) and no random draw."""
-        parent_arch = self.arch[parent_id]
-        if not parent_arch.expert_slots:
-            return (), {}
-        root_arch = self.arch[self.root]
-        sources = {**self.named_components(self.root), **self.named_components(parent_id)}
-        active = {i: set(slots) for i, slots in root_arch.experts if i < depth}
-        active.update((i, set(slots)) for i, slots in parent_arch.experts if i < depth)
-        clones = {}
-        for block in sorted(active):
-            free = [k for k in range(parent_arch.expert_slots) if k not in active[block]]
-            if free and rng.random() < mu:
-                cloned = int(rng.choice(sorted(active[block])))
-                clones[path_model.expert_name(block, free[0])] = sources[
-                    path_model.expert_name(block, cloned)
-                ]
-                active[block].add(free[0])
-        return tuple((i, tuple(sorted(active[i]))) for i in sorted(active)), clones
+        """A new child path of `parent_id` for `task`; returns (path id, {component:
+        trainable}) (offspring.py)."""
+        return offspring.make_child(self, parent_id, task)
 
     def _prepare(self, child_id: int, trainable: Mapping[str, bool]):
         """(state, opt_state, frozen mask, train batches) of a child about to train."""

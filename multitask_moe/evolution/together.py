@@ -20,9 +20,8 @@ import numpy as np
 from flax import nnx
 
 from multitask_moe import parallel
-from multitask_moe.evolution import child, path_model
-from multitask_moe.models.freezing import select
-from multitask_moe.models.transplant import axis_tags
+from multitask_moe.evolution import child
+from multitask_moe.models.surgery import adam_moment_key, axis_tags, key_names, select
 
 
 def _rows(keep, new, old):
@@ -180,7 +179,7 @@ def expert_shardings(mesh: jax.sharding.Mesh, state: Mapping[str, nnx.State], op
     Raises ValueError when the experts do not split evenly over the group."""
     size = mesh.shape[parallel.EXPERT_AXIS]
     axes = {
-        path_model.key_names(path): tags["expert_axis"]
+        key_names(path): tags["expert_axis"]
         for path, tags in axis_tags(state["params"]).items()
         if tags.get("expert_axis") is not None
     }
@@ -198,12 +197,12 @@ def expert_shardings(mesh: jax.sharding.Mesh, state: Mapping[str, nnx.State], op
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*parts))
 
     params = jax.tree_util.tree_map_with_path(
-        lambda key_path, leaf: spec(path_model.key_names(key_path), leaf), state["params"]
+        lambda key_path, leaf: spec(key_names(key_path), leaf), state["params"]
     )
     statistics = jax.tree.map(lambda _: _replicated(mesh), state["model_state"])
 
     def moment_spec(key_path, leaf):
-        key = child.adam_moment_key(key_path)
+        key = adam_moment_key(key_path)
         return spec(key[1], leaf) if key else _replicated(mesh)
 
     shardings = {"params": params, "model_state": statistics}

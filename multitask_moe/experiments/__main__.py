@@ -78,7 +78,7 @@ def configure_jax(workdir: str) -> None:
 
 def measured(names, scale, seeds, workdir: str) -> dict[str, list[dict]]:
     """{claim: [measurement of each seed]}, measured now or read from the cache."""
-    from multitask_moe.evolution.report import write_json
+    from multitask_moe.core.files import write_json
     from multitask_moe.experiments.claims import CLAIMS, Context
     from multitask_moe.experiments.runs import Runner
 
@@ -154,9 +154,10 @@ def run_record(args, seconds: float | None, complete: bool) -> dict:
         "machine": platform.machine(),
         "wall_seconds": seconds if complete else None,
     }
+    from multitask_moe.core.files import write_json
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(path, record)
     return record
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from multitask_moe import data
 from multitask_moe.data import tasks as tasks_lib
 
 
@@ -32,7 +33,7 @@ def logistic_regression_accuracy(name: str, data_dir: str | None = None) -> floa
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    task = tasks_lib.get_task(name, data_dir)
+    task = data.get_task(name, data_dir)
     x_train, y_train = task_arrays(task, "train")
     x_test, y_test = task_arrays(task, "test")
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))

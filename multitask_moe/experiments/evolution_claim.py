@@ -51,7 +51,8 @@ EVOLUTION = Claim(
     number=7,
     title="Dynamic tasks (muNet): no forgetting, bounded growth, quality against fine-tuning",
     paper=(
-        "muNet: tasks join one by one; earlier tasks never change; each new task adds few "
+        "muNet / mu2Net (Gesmundo and Dean 2022, arXiv:2205.10937 and arXiv:2205.12755): "
+        "tasks join one by one; earlier tasks never change; each new task adds few "
         "parameters as it reuses locked components; quality matches or beats fine-tuning "
         "a copy of the root per task; a smaller s trades quality for size."
     ),

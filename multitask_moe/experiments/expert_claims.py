@@ -45,7 +45,8 @@ MI_LOSS = Claim(
     number=5,
     title="The mutual-information loss specializes experts",
     paper=(
-        "Mod-Squad: maximizing I(T; E) makes each task use a few experts (a sparse "
+        "Mod-Squad (Chen et al. 2022, arXiv:2212.08066): "
+        "maximizing I(T; E) makes each task use a few experts (a sparse "
         "task x expert usage matrix) without costing accuracy."
     ),
     setting=(
@@ -97,7 +98,8 @@ EXTRACTION = Claim(
     number=6,
     title="Extracting a per-task model keeps its accuracy",
     paper=(
-        "Mod-Squad: a task's sub-network (the experts it uses above a threshold) keeps the "
+        "Mod-Squad (Chen et al. 2022, arXiv:2212.08066): "
+        "a task's sub-network (the experts it uses above a threshold) keeps the "
         "full model's accuracy on that task with a fraction of the parameters."
     ),
     setting=(
@@ -171,7 +173,8 @@ INFERENCE = Claim(
     number=8,
     title="Serving one task: the extracted sub-network against the full token-routed MoE",
     paper=(
-        "Task-MoE: a task's sub-network serves it faster than a token-routed MoE of the "
+        "Task-MoE (Kudugunta et al. 2021, arXiv:2110.03742): "
+        "a task's sub-network serves it faster than a token-routed MoE of the "
         "same size, at the same quality."
     ),
     setting=(

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+from multitask_moe.core.files import write_json
 from multitask_moe.experiments import stats
 from multitask_moe.experiments.claims import CLAIMS, Claim
 from multitask_moe.experiments.scale import Scale
@@ -47,8 +48,7 @@ def claim_result(claim: Claim, scale: Scale, per_seed: Sequence[dict], seeds) ->
 def write_claim(out_dir: str, result: dict) -> None:
     directory = os.path.join(out_dir, RESULTS_DIR)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{result['name']}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(directory, f"{result['name']}.json"), result)
     plot(result, os.path.join(directory, f"{result['name']}.png"))
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from multitask_moe.core import config_lib
 from multitask_moe.experiments.scale import Scale
-from multitask_moe.train import config_lib
 
 DONE_FILE = "experiment_run.json"
 
@@ -111,7 +111,7 @@ class Runner:
                 return json.load(f)
         if run.init_from:
             self.train(runs[run.init_from], seed, runs)
-        from multitask_moe.evolution.report import write_json  # written whole or not at all
+        from multitask_moe.core.files import write_json  # written whole or not at all
         from multitask_moe.train import train as train_lib
 
         self.log(f"seed {seed}: training {run.name}")
@@ -137,7 +137,7 @@ class Runner:
             with open(done) as f:
                 return json.load(f)
         from multitask_moe import evolve as evolve_cli
-        from multitask_moe.evolution.report import write_json
+        from multitask_moe.core.files import write_json
 
         scale = self.scale
         config = config_lib.set_fields(

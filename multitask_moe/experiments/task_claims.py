@@ -54,7 +54,8 @@ TASK_MOE = Claim(
     number=1,
     title="Task-aware MoE against a dense multitask model of equal active compute",
     paper=(
-        "Task-MoE: routing by task matches or beats a dense multitask model of the same "
+        "Multitask MoE (Gupta et al. 2022, arXiv:2204.07689): "
+        "routing by task matches or beats a dense multitask model of the same "
         "active compute and token-level routing, in mean per-task quality."
     ),
     setting=(
@@ -101,7 +102,8 @@ LOW_RESOURCE_CLAIM = Claim(
     number=2,
     title="Low-resource transfer: digits/lowres (50 examples) alone and in the mixture",
     paper=(
-        "Task-MoE / Mod-Squad: a task with few examples gains from related tasks trained "
+        "Multitask MoE (Gupta et al. 2022, arXiv:2204.07689): "
+        "a task with few examples gains from related tasks trained "
         "with it (here digits/class, digits/rotated, digits/parity share its images)."
     ),
     setting=(
@@ -152,7 +154,8 @@ UNSEEN = Claim(
     number=3,
     title="An unseen task from few examples, routed from its nearest seen task",
     paper=(
-        "Task-MoE / Mod-Squad: a new task starts better from the routing of a related "
+        "Multitask MoE (Gupta et al. 2022, arXiv:2204.07689): "
+        "a new task starts better from the routing of a related "
         "seen task than from scratch, and a sparse model adapts better than a dense one."
     ),
     setting=(
@@ -211,7 +214,8 @@ UNRELATED = Claim(
     number=4,
     title="Robustness: the original tasks after unrelated tasks join",
     paper=(
-        "Task-MoE / Mod-Squad: with task-aware routing, unrelated tasks take their own "
+        "Multitask MoE (Gupta et al. 2022, arXiv:2204.07689): "
+        "with task-aware routing, unrelated tasks take their own "
         "experts, so the original tasks lose less than in a dense model."
     ),
     setting=(

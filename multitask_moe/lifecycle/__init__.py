@@ -6,10 +6,10 @@ per-task model, export it (docs/lifecycle.md).
     results = lifecycle.evaluate_workdir("workdir/digits_class")
 """
 
+from multitask_moe.core.workdir import Restored, WorkdirError, load_config, restore
 from multitask_moe.lifecycle.evaluation import evaluate_workdir
 from multitask_moe.lifecycle.extraction import ExtractionError, extract
 from multitask_moe.lifecycle.selection import kept_experts
-from multitask_moe.train.workdir import Restored, WorkdirError, load_config, restore
 
 __all__ = [
     "ExtractionError",

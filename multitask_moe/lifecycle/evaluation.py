@@ -11,18 +11,18 @@ Shape legend: B batch, C classes (the model's largest), N examples of a split.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-import tensorflow as tf
 from flax import nnx
 
 from multitask_moe import parallel
-from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train.workdir import Restored, restore
+from multitask_moe.core import evaluate as evaluate_lib
+from multitask_moe.core import files
+from multitask_moe.core.step import EVAL_KEYS
+from multitask_moe.core.workdir import Restored, restore
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -75,8 +75,9 @@ def evaluate_workdir(
         for task in experiment.task_names
     }
     if write and jax.process_index() == 0:
-        with tf.io.gfile.GFile(os.path.join(directory, EVALUATION_FILE), "w") as f:
-            json.dump({"step": restored.step, "tasks": results}, f, indent=2)
+        files.write_json(
+            os.path.join(directory, EVALUATION_FILE), {"step": restored.step, "tasks": results}
+        )
         table = evaluate_lib.results_table(
             experiment.task_names,
             experiment.task_num_classes,
@@ -112,7 +113,7 @@ def task_logits(restored: Restored, task_id: int, split: str) -> tuple[np.ndarra
         for _, batch in experiment.mixture.eval_batches(
             split, batch_size=experiment.config.eval_batch_size, task_ids=[task_id]
         ):
-            arrays = evaluate_lib.global_batch(batch, evaluate_lib.EVAL_KEYS, sharding)
+            arrays = evaluate_lib.global_batch(batch, EVAL_KEYS, sharding)
             valid = np.asarray(batch["valid"])
             logits.append(np.asarray(jax.device_get(forward(restored.state, arrays)))[valid])
             labels.append(np.asarray(batch["label"])[valid])

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
-from multitask_moe.train.workdir import Restored
+from multitask_moe.core.workdir import Restored
 
 EXPORT_FILES = ("forward.jax", "params.npz", "signature.json")
 

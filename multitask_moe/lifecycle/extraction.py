@@ -22,12 +22,11 @@ out like a training workdir (config.json, checkpoints/<step>/) plus extraction.j
 
 Nothing is written to O unless everything succeeds: the model is built in a sibling
 temporary directory and renamed into place. While it is built, O.lock beside O names the
-extraction writing it, and a second extraction into O stops at once (train/run_lock.py).
+extraction writing it, and a second extraction into O stops at once (core/run_lock.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -35,25 +34,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from flax import nnx
 
 from multitask_moe import models, parallel
+from multitask_moe.core import build, config_lib, files
+from multitask_moe.core import evaluate as evaluate_lib
+from multitask_moe.core.checkpoint import Checkpoints
+from multitask_moe.core.run_lock import claim
+from multitask_moe.core.state import count_params, create_state
+from multitask_moe.core.step import EVAL_KEYS, sum_trees
+from multitask_moe.core.workdir import CONFIG_FILE, Restored, load_config, restore
+from multitask_moe.errors import ConfigError
 from multitask_moe.lifecycle import evaluation, selection
 from multitask_moe.lifecycle.export import export_forward
-from multitask_moe.train import config_lib
-from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train.checkpoint import Checkpoints
-from multitask_moe.train.run_lock import claim
-from multitask_moe.train.state import count_params, create_state
-from multitask_moe.train.workdir import CONFIG_FILE, Restored, load_config, restore
 
 EXTRACTION_FILE = "extraction.json"
 ROUTERS = ("auto", "sliced", "full")
 USAGES = ("ema", "data")
 
 
-class ExtractionError(ValueError):
+class ExtractionError(ConfigError):
     """An extraction that cannot be done; the message says why, nothing was written."""
 
 
@@ -159,8 +159,7 @@ def _extract(workdir, task, out, threshold, router, usage, export, overwrite, sp
         summary.update(_compare(source, target, task_id, splits))
         if export:
             export_forward(target, os.path.join(tmp, "export"))
-        with tf.io.gfile.GFile(os.path.join(tmp, EXTRACTION_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
+        files.write_json(os.path.join(tmp, EXTRACTION_FILE), summary)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,8 +206,8 @@ def _usage_rows(
             for _, batch in experiment.mixture.eval_batches(
                 "train", batch_size=experiment.config.eval_batch_size, task_ids=[task_id]
             ):
-                arrays = evaluate_lib.global_batch(batch, evaluate_lib.EVAL_KEYS, sharding)
-                sums = evaluate_lib.sum_trees(sums, experiment.eval_step(source.state, arrays))
+                arrays = evaluate_lib.global_batch(batch, EVAL_KEYS, sharding)
+                sums = sum_trees(sums, experiment.eval_step(source.state, arrays))
         sums = jax.device_get(sums)
         return {
             name: np.asarray(sums[f"{name}/task_chosen_counts"])[task_id]
@@ -253,9 +252,7 @@ def restore_target(
 ) -> Restored:
     """Builds the extracted model of `config`, fills it from `source` and checkpoints it
     in directory/checkpoints; returns it restored from there (what evaluate will see)."""
-    from multitask_moe.train.setup import prepare
-
-    experiment = prepare(config, compile_train=False)
+    experiment = build.experiment(build.resolve(config))
     spec = experiment.model.spec
     with jax.set_mesh(experiment.mesh):
         fresh = create_state(spec, config.seed)
@@ -313,8 +310,7 @@ def _compare(source: Restored, target: Restored, task_id: int, splits) -> dict:
 
 
 def _write_config(directory: str, config: ml_collections.ConfigDict) -> None:
-    with tf.io.gfile.GFile(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    files.write_config(directory, config)
 
 
 def _scratch_directory(out: str) -> str:

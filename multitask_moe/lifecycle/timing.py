@@ -11,7 +11,8 @@ import jax
 from flax import nnx
 
 from multitask_moe import parallel
-from multitask_moe.train import evaluate as evaluate_lib
+from multitask_moe.core import evaluate as evaluate_lib
+from multitask_moe.core.step import EVAL_KEYS
 
 
 def forward_fn(restored):
@@ -43,9 +44,7 @@ def task_batch(restored, task_id: int, batch_size: int) -> dict:
     _, batch = next(
         experiment.mixture.eval_batches("test", batch_size=batch_size, task_ids=[task_id])
     )
-    return evaluate_lib.global_batch(
-        batch, evaluate_lib.EVAL_KEYS, parallel.batch_sharding(experiment.mesh)
-    )
+    return evaluate_lib.global_batch(batch, EVAL_KEYS, parallel.batch_sharding(experiment.mesh))
 
 
 class Timed:

@@ -9,14 +9,21 @@ logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
-from multitask_moe.models.freezing import FREEZE_MODES, frozen_fraction, trainable_mask
 from multitask_moe.models.model import (
     INVALID_CLASS_LOGIT,
     MultitaskTransformer,
     sparse_layer_path,
 )
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
-from multitask_moe.models.transplant import RowMap, axis_tags, transplant, transplant_state
+from multitask_moe.models.surgery import (
+    FREEZE_MODES,
+    RowMap,
+    axis_tags,
+    frozen_fraction,
+    trainable_mask,
+    transplant,
+    transplant_state,
+)
 from multitask_moe.moe import MoASettings, MoESettings
 
 __all__ = [

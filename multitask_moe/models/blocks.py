@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from multitask_moe.errors import check_int
 from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
 
 
@@ -44,8 +45,7 @@ class ResidualAdapter(nnx.Module):
     after a trained block it changes nothing until it trains (muNet's adapters)."""
 
     def __init__(self, d_model: int, size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"adapter size={size!r} must be an int >= 1")
+        check_int(size, "adapter size", 1)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(d_model, **kw)
         self.down = nnx.Linear(d_model, size, **kw)

@@ -30,7 +30,7 @@ def moe_settings(model_config: Mapping, group_size: int | None = None) -> MoESet
 
     d_hidden=0 means mlp_dim // top_k: top_k experts of that size give a token the active
     MLP compute of one dense MLP of mlp_dim (Mod-Squad's sizing). group_size: the routing
-    group to use where the config leaves it None (setup.routing_group_size picks one per
+    group to use where the config leaves it None (core.build.routing_group_size picks one per
     device's share of a batch).
     """
     if not model_config["moe_every"]:

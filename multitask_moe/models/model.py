@@ -64,7 +64,7 @@ class MultitaskTransformer(nnx.Module):
         {"block1/moe": {"num_experts": 3}, ...} (an extracted model keeps a different
         number of experts in each layer).
       task_uncertainty: learn one loss scale s_t per task (`task_loss_scale` [T], init 1)
-        for uncertainty task weighting (train/step.py).
+        for uncertainty task weighting (core/step.py).
       adapters: {block index: size} of residual adapters after those blocks
         (blocks.ResidualAdapter, zero-initialized output; the evolution of paths adds them).
       dtype: activation dtype (float32 or bfloat16); heads and the loss stay float32.

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multitask_moe.errors import check_int
 from multitask_moe.moe.routing import ROUTING_KINDS
 
 
 def positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    check_int(value, name, 1)
 
 
 def positive_ints(**values) -> None:
@@ -24,6 +24,7 @@ def positive_ints(**values) -> None:
 
 
 def top_k(value, num_experts: int) -> None:
+    # Worded by hand: the bound is the layer's num_experts, which the message names.
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
         raise ValueError(f"top_k={value!r} must be an int in [1, num_experts={num_experts}]")
 

@@ -15,11 +15,11 @@ importing TensorFlow and Orbax.
 import importlib
 
 _EXPORTS = {
-    "ConfigError": "multitask_moe.train.setup",
-    "Experiment": "multitask_moe.train.setup",
+    "ConfigError": "multitask_moe.errors",
+    "Prepared": "multitask_moe.train.setup",
     "prepare": "multitask_moe.train.setup",
     "NonFiniteLossError": "multitask_moe.train.loop",
-    "CheckpointWriteError": "multitask_moe.train.checkpoint",
+    "CheckpointWriteError": "multitask_moe.core.checkpoint",
     "train_and_evaluate": "multitask_moe.train.train",
     "run": "multitask_moe.train.train",
 }

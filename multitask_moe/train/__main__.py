@@ -13,10 +13,10 @@ import sys
 # TensorFlow (the input pipeline) reads this when it loads: keep its C++ INFO lines away.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multitask_moe.train import runtime  # noqa: E402
+from multitask_moe.core import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, configs/<name>.py[:arg].", lock_config=True
@@ -27,23 +27,16 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present:
-        # TFDS logs every dataset it opens at INFO; the progress bar is the console output.
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        runtime.fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> overrides")
-    config = runtime.loaded_config(_CONFIG.value, flags.FLAGS["config"].serialize())
-    if not _WORKDIR.value:
-        runtime.fail("--workdir is required (e.g. --workdir=workdir/default)")
-    # Before anything touches a device: platform, simulated CPU devices, multi-host start.
-    runtime.configure_jax(config)
+    config = runtime.command_config(argv, _CONFIG, _WORKDIR, "workdir/default")
 
-    from multitask_moe.train import checkpoint, loop, setup, train
+    from multitask_moe import errors
+    from multitask_moe.core import checkpoint
+    from multitask_moe.train import loop, train
 
     try:
         # The workdir is claimed first; every other check and all building come after.
         train.train_and_evaluate(config, _WORKDIR.value)
-    except setup.ConfigError as error:  # a bad config, a busy workdir, a checkpoint that
+    except errors.ConfigError as error:  # a bad config, a busy workdir, a checkpoint that
         runtime.fail(str(error))  # does not fit: nothing written
     except (loop.NonFiniteLossError, checkpoint.CheckpointWriteError) as error:
         runtime.fail(str(error), status=1)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import jax
 from tqdm import tqdm
 
-from multitask_moe.train.checkpoint import Checkpoints
+from multitask_moe.core.checkpoint import Checkpoints
 from multitask_moe.train.metrics import MetricWriter, TrainMeter
 
 logger = logging.getLogger(__name__)

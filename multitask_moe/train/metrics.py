@@ -78,34 +78,6 @@ class TrainMeter:
         return {key: float(value) for key, value in out.items()}
 
 
-def per_task_eval(
-    sums: Mapping[str, np.ndarray],
-    task_names: Sequence[str],
-    prefix: str,
-    groups: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, float]:
-    """Eval sums (see step.make_eval_step) -> `<prefix>/<task>/accuracy|loss` scalars,
-    `<prefix>/mean_accuracy`, and `<prefix>/<group>_mean_accuracy` for each group of
-    tasks (e.g. {"seen": [...], "new": [...]} of a warm-started run)."""
-    out = {}
-    accuracies = []
-    for index, name in enumerate(task_names):
-        count = float(sums["count"][index])
-        if count == 0:
-            raise ValueError(f"the {prefix} split of task {name!r} has no examples")
-        out[f"{prefix}/{name}/accuracy"] = float(sums["correct_sum"][index]) / count
-        out[f"{prefix}/{name}/loss"] = float(sums["loss_sum"][index]) / count
-        out[f"{prefix}/{name}/num_examples"] = count
-        accuracies.append(out[f"{prefix}/{name}/accuracy"])
-    out[f"{prefix}/mean_accuracy"] = float(np.mean(accuracies))
-    for group, names in (groups or {}).items():
-        if names:
-            out[f"{prefix}/{group}_mean_accuracy"] = float(
-                np.mean([out[f"{prefix}/{name}/accuracy"] for name in names])
-            )
-    return out
-
-
 class MetricWriter:
     """Appends scalars to workdir/metrics.jsonl and TensorBoard event files.
 

@@ -10,6 +10,7 @@ resumes from its own checkpoints), the loop, and the final evaluation, plots and
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -22,13 +23,16 @@ from flax import nnx
 from tqdm import tqdm
 
 from multitask_moe import parallel
-from multitask_moe.train import config_lib, loop, plots, warm_start
-from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train.checkpoint import Checkpoints, CheckpointShapeError
+from multitask_moe.core import config_lib, files
+from multitask_moe.core import evaluate as evaluate_lib
+from multitask_moe.core.checkpoint import Checkpoints, CheckpointShapeError
+from multitask_moe.core.run_lock import claim
+from multitask_moe.core.state import count_params, create_state
+from multitask_moe.core.step import TRAIN_KEYS
+from multitask_moe.errors import ConfigError
+from multitask_moe.train import loop, plots, warm_start
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
-from multitask_moe.train.run_lock import claim
-from multitask_moe.train.setup import ConfigError, Experiment, check_numbers, prepare
-from multitask_moe.train.state import count_params, create_state
+from multitask_moe.train.setup import Prepared, check, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -43,29 +47,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     # The workdir is taken before anything is built: a start refused for a live run there
     # costs the config check, not the datasets and compiles of `prepare`.
-    check_numbers(config.copy_and_resolve_references())
+    check(config)
     with claim(workdir):
         return _run(prepare(config), workdir)
 
 
-def run(experiment: Experiment, workdir: str) -> dict[str, float]:
+def run(experiment: Prepared, workdir: str) -> dict[str, float]:
     """Trains a prepared experiment in `workdir`; see train_and_evaluate.
 
-    One Experiment (compiled once) can run in several workdirs, e.g. from a notebook.
+    One Prepared experiment (compiled once) can run in several workdirs, e.g. from a notebook.
     """
     with claim(workdir):
         return _run(experiment, workdir)
 
 
-def _run(experiment: Experiment, workdir: str) -> dict[str, float]:
+def _run(experiment: Prepared, workdir: str) -> dict[str, float]:
     with jax.set_mesh(experiment.mesh):
         return _run_locked(experiment, workdir)
 
 
-def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
-    config, spec, task_names = experiment.config, experiment.model.spec, experiment.task_names
+def _run_locked(experiment: Prepared, workdir: str) -> dict[str, float]:
+    config, spec = experiment.config, experiment.model.spec
     chief = jax.process_index() == 0
-    batch_sharding = parallel.batch_sharding(experiment.mesh)
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, writer=True
     )
@@ -75,54 +78,13 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
         # name what changed from the config that wrote the checkpoint.
         state, start_step = _initial_state(experiment, checkpoints, workdir)
         if chief:
-            with tf.io.gfile.GFile(os.path.join(workdir, config_lib.CONFIG_FILE), "w") as f:
-                f.write(config.to_json_best_effort(indent=2) + "\n")
+            files.write_config(workdir, config)
         writer = MetricWriter(workdir, enabled=chief)
         writer.truncate_after(start_step)
-        if chief:
-            print(
-                f"{len(task_names)} tasks, {count_params(spec.abstract['params']):,} "
-                f"parameters, mesh {dict(experiment.mesh.shape)}, train step compiled in "
-                f"{experiment.compile_seconds:.1f}s.",
-                flush=True,
-            )
-        writer.write(start_step, {"compile_seconds": experiment.compile_seconds})
-
-        def evaluate(state, split: str = config.data.eval_split, prefix: str = "eval"):
-            batches = experiment.mixture.eval_batches(split, batch_size=config.eval_batch_size)
-            return evaluate_lib.evaluate(
-                experiment.eval_step,
-                state,
-                batches,
-                batch_sharding,
-                task_names,
-                spec.sparse_layers,
-                prefix,
-                warm_start.task_groups(experiment),
-            )
-
-        local_batches = experiment.mixture.iterator(
-            "train", batch_size=config.batch_size, seed=config.seed, start_step=start_step
-        )
-        batches = loop.Batches(
-            (
-                evaluate_lib.global_batch(batch, evaluate_lib.TRAIN_KEYS, batch_sharding)
-                for batch in local_batches
-            ),
-            position=start_step,
-        )
-
-        def progress(step: int) -> dict:
-            return {
-                "step": step,
-                "data_step": batches.position,
-                "data": _data_settings(config),
-                "task_names": list(task_names),
-                "mesh": {name: int(size) for name, size in experiment.mesh.shape.items()},
-            }
-
-        meter = TrainMeter(task_names, spec.sparse_layers)
-        throughput = loop.Throughput(start_step)
+        _announce(experiment, writer, start_step)
+        evaluate = functools.partial(_evaluate, experiment)
+        batches = _train_batches(experiment, start_step)
+        progress = functools.partial(_progress, experiment, batches)
         bar = tqdm(
             total=config.num_train_steps,
             initial=start_step,
@@ -132,7 +94,8 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
             mininterval=1.0,
             dynamic_ncols=True,
         )
-        times = loop.StepTimes()
+        meter, times = TrainMeter(experiment.task_names, spec.sparse_layers), loop.StepTimes()
+        throughput = loop.Throughput(start_step)
         actions = [
             loop.Log(
                 config.log_every_steps,
@@ -154,15 +117,12 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
                 start_step + 1, config.profile_steps, os.path.join(workdir, "tensorboard")
             )
             actions.append(profile)
-        pending = loop.PendingMetrics(
-            meter, checkpoints, skip_nonfinite=config.skip_nonfinite_updates
-        )
         result = loop.train_loop(
             state,
             range(start_step + 1, config.num_train_steps + 1),
             batches,
             experiment.train_step,
-            pending,
+            loop.PendingMetrics(meter, checkpoints, skip_nonfinite=config.skip_nonfinite_updates),
             actions,
             bar,
             times,
@@ -181,20 +141,82 @@ def _run_locked(experiment: Experiment, workdir: str) -> dict[str, float]:
             return {}
         if start_step == config.num_train_steps:
             checkpoints.save(start_step, result.state, progress(start_step))
-        final, routing = evaluate(result.state)
-        splits = {"eval": final}
-        if config.data.test_split:
-            test, _ = evaluate(result.state, config.data.test_split, "test")
-            final = {**final, **test}
-            splits["test"] = test
-        writer.write(result.step, final)
-        if chief:
-            _report(experiment, workdir, splits, routing, usage_tables(spec, result.state))
-        return final
+        return _finish(experiment, workdir, writer, result, evaluate)
     finally:
         checkpoints.close()
         if writer is not None:
             writer.close()
+
+
+def _announce(experiment: Prepared, writer: MetricWriter, start_step: int) -> None:
+    """The run's size and compile time, on the console (process 0) and in the metrics."""
+    if jax.process_index() == 0:
+        print(
+            f"{len(experiment.task_names)} tasks, "
+            f"{count_params(experiment.model.spec.abstract['params']):,} parameters, mesh "
+            f"{dict(experiment.mesh.shape)}, train step compiled in "
+            f"{experiment.compile_seconds:.1f}s.",
+            flush=True,
+        )
+    writer.write(start_step, {"compile_seconds": experiment.compile_seconds})
+
+
+def _evaluate(experiment: Prepared, state, split: str | None = None, prefix: str = "eval"):
+    """(`<prefix>/...` scalars, routing counts) over every example of `split` (default:
+    the config's eval split)."""
+    config = experiment.config
+    batches = experiment.mixture.eval_batches(
+        split or config.data.eval_split, batch_size=config.eval_batch_size
+    )
+    return evaluate_lib.evaluate(
+        experiment.eval_step,
+        state,
+        batches,
+        parallel.batch_sharding(experiment.mesh),
+        experiment.task_names,
+        experiment.model.spec.sparse_layers,
+        prefix,
+        warm_start.task_groups(experiment),
+    )
+
+
+def _train_batches(experiment: Prepared, start_step: int) -> loop.Batches:
+    """Global train batches from step `start_step` on, counting what they have served."""
+    config, sharding = experiment.config, parallel.batch_sharding(experiment.mesh)
+    local = experiment.mixture.iterator(
+        "train", batch_size=config.batch_size, seed=config.seed, start_step=start_step
+    )
+    return loop.Batches(
+        (evaluate_lib.global_batch(batch, TRAIN_KEYS, sharding) for batch in local),
+        position=start_step,
+    )
+
+
+def _progress(experiment: Prepared, batches: loop.Batches, step: int) -> dict:
+    """What a checkpoint at `step` records beside the state, to resume exactly."""
+    return {
+        "step": step,
+        "data_step": batches.position,
+        "data": _data_settings(experiment.config),
+        "task_names": list(experiment.task_names),
+        "mesh": {name: int(size) for name, size in experiment.mesh.shape.items()},
+    }
+
+
+def _finish(experiment: Prepared, workdir: str, writer, result, evaluate) -> dict[str, float]:
+    """The final evaluation (and test split), written; the plots and table (process 0)."""
+    config = experiment.config
+    final, routing = evaluate(result.state)
+    splits = {"eval": final}
+    if config.data.test_split:
+        test, _ = evaluate(result.state, config.data.test_split, "test")
+        final = {**final, **test}
+        splits["test"] = test
+    writer.write(result.step, final)
+    if jax.process_index() == 0:
+        usage = usage_tables(experiment.model.spec, result.state)
+        _report(experiment, workdir, splits, routing, usage)
+    return final
 
 
 def _profile_line(profile: loop.Profile, workdir: str) -> str:
@@ -229,7 +251,7 @@ def _data_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def _initial_state(
-    experiment: Experiment, checkpoints: Checkpoints, workdir: str
+    experiment: Prepared, checkpoints: Checkpoints, workdir: str
 ) -> tuple[dict, int]:
     """(state, step): the workdir's latest checkpoint, or at step 0 a fresh state or the
     warm start from config.init_from (a run always resumes from its own checkpoints)."""
@@ -272,7 +294,7 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
     return f"the config changed {', '.join(changed)}; use a new --workdir or the old config"
 
 
-def _check_resumable(saved: dict, step: int, experiment: Experiment, directory: str) -> None:
+def _check_resumable(saved: dict, step: int, experiment: Prepared, directory: str) -> None:
     """ConfigError unless resuming `saved` (a checkpoint's progress) continues the run
     exactly: one batch served per step, the same tasks and the same data settings."""
     if saved.get("data_step") != step:
@@ -307,7 +329,7 @@ def usage_tables(spec, state: dict) -> dict[str, np.ndarray]:
     }
 
 
-def _report(experiment: Experiment, workdir: str, splits, routing, usage) -> None:
+def _report(experiment: Prepared, workdir: str, splits, routing, usage) -> None:
     """Plots and the per-task table (process 0)."""
     task_names = experiment.task_names
     written = []

@@ -9,7 +9,7 @@ run, checks that its model is this config's model up to the task list, pins the 
 layout to the source's, and decides which tasks are new and how each is initialized.
 `initial_state(...)` (called by the loop when the workdir has no checkpoint of its own)
 restores the source, picks the nearest seen task where asked (nearest.py), and fills a
-fresh state through models.transplant: seen tasks keep their rows (matched by name, in
+fresh state through models.surgery: seen tasks keep their rows (matched by name, in
 any order), a new task takes the rows of the task it starts from, or keeps its fresh
 rows (`scratch`); its head and its statistics always start fresh. The optimizer state is
 new (moments zero, the learning-rate schedule from its warm-up): the source's moments
@@ -19,7 +19,6 @@ belong to another mixture's gradients. docs/lifecycle.md has the whole story.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -30,10 +29,12 @@ import tensorflow as tf
 from flax import nnx, traverse_util
 
 from multitask_moe import models, parallel
-from multitask_moe.train import config_lib, nearest
-from multitask_moe.train import evaluate as evaluate_lib
-from multitask_moe.train.checkpoint import Checkpoints
-from multitask_moe.train.state import StateSpec, create_state
+from multitask_moe.core import build, config_lib, files
+from multitask_moe.core import evaluate as evaluate_lib
+from multitask_moe.core.checkpoint import Checkpoints
+from multitask_moe.core.state import StateSpec, create_state
+from multitask_moe.core.step import EVAL_KEYS
+from multitask_moe.train import nearest
 
 WARM_START_FILE = "warm_start.json"
 INIT_RULES = ("scratch", "nearest")
@@ -153,13 +154,9 @@ def parse_inits(text: str, new_tasks: Sequence[str], seen_tasks: Sequence[str]) 
     return {name: rules.get(name, "scratch") for name in new_tasks}
 
 
-def plan(
-    config: ml_collections.ConfigDict,
-    task_names: Sequence[str],
-    source_mixture,
-) -> Plan | None:
+def plan(config: ml_collections.ConfigDict, task_names: Sequence[str]) -> Plan | None:
     """The warm start of `config` (None without init_from); WarmStartError for a source
-    that cannot start this run. source_mixture(source config) -> its data.Mixture."""
+    that cannot start this run."""
     if not config.init_from:
         if config.freeze != "none":
             raise WarmStartError(
@@ -181,7 +178,7 @@ def plan(
                 f"{key} ({_field(source, key)!r} -> {_field(config, key)!r})" for key in differing
             )
         )
-    mixture = source_mixture(source)
+    mixture = build.mixture(source)  # its tasks in its order, its input layout
     seen = tuple(task.name for task in mixture.tasks)
     new_ids = tuple(i for i, name in enumerate(task_names) if name not in seen)
     new_names = [task_names[i] for i in new_ids]
@@ -244,8 +241,7 @@ def fill_state(fresh: dict, source: dict, tags, maps: tuple[models.RowMap, model
 
 
 def write_record(workdir: str, record: dict) -> None:
-    with tf.io.gfile.GFile(os.path.join(workdir, WARM_START_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+    files.write_json(os.path.join(workdir, WARM_START_FILE), record)
 
 
 def new_leaf_paths(target_params, source_params) -> list[tuple]:
@@ -330,7 +326,7 @@ def _nearest_scores(experiment, state: dict, wanted: Sequence[str]) -> dict[str,
         for _, batch in experiment.mixture.eval_batches(
             "train", batch_size=config.eval_batch_size, task_ids=[task_id]
         ):
-            batches.append(evaluate_lib.global_batch(batch, evaluate_lib.EVAL_KEYS, sharding))
+            batches.append(evaluate_lib.global_batch(batch, EVAL_KEYS, sharding))
             count += int(np.sum(batch["valid"])) * jax.process_count()
             if count >= config.nearest_examples:
                 break
@@ -384,7 +380,3 @@ def describe(plan: Plan, task_names: Sequence[str], chosen: Mapping[str, str | N
 def summary_scores(scores: Mapping[str, Mapping[str, float]]) -> str:
     ordered = sorted(scores.items(), key=lambda item: item[1]["loss"])
     return ", ".join(f"{name} {value['loss']:.3f}" for name, value in ordered)
-
-
-def as_numpy(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
