@@ -26,7 +26,7 @@ import pytest
 from multihost import run_processes  # noqa: I001 (tests/ is on the path)
 
 from multitask_moe.core import checkpoint as checkpoint_lib
-from multitask_moe.core import config_lib
+from multitask_moe.core import config_lib, failed_reads
 from multitask_moe.core.checkpoint import Checkpoints, CheckpointWriteError
 from multitask_moe.core.config_lib import parse_weights
 from multitask_moe.train import ConfigError, NonFiniteLossError, run, train_and_evaluate
@@ -259,13 +259,13 @@ def test_a_failed_reads_unretrieved_orbax_tasks_are_silenced_and_nothing_else(ca
 
     try:
         with caplog.at_level(logging.ERROR, logger="asyncio"):
-            with checkpoint_lib._QuietFailedReads() as quiet:
+            with failed_reads.QuietFailedReads() as quiet:
                 quiet.failed = True
                 leave_unretrieved(namespace["read"])
             leave_unretrieved(namespace["read"])  # a late one, after the failed read
             leave_unretrieved(other)
     finally:
-        logging.getLogger("asyncio").removeFilter(checkpoint_lib._drop_orbax_task_errors)
+        logging.getLogger("asyncio").removeFilter(failed_reads.drop_orbax_task_errors)
     reports = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert len(reports) == 1 and str(reports[0].exc_info[1]) == "not a read"
 

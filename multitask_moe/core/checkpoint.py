@@ -23,12 +23,9 @@ CheckpointShapeError: that is a wrong config, not a damaged checkpoint.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -36,58 +33,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from multitask_moe.core.failed_reads import QuietFailedReads
+from multitask_moe.core.storable import abstract_storable, from_storable, to_storable
 from multitask_moe.errors import one_line
 from multitask_moe.models.surgery import key_names, path_text
 
 logger = logging.getLogger(__name__)
-
-
-def _is_key(leaf) -> bool:
-    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def to_storable(tree):
-    """Typed PRNG keys (e.g. router-noise rng state) -> their raw uint32 key data.
-
-    Orbax stores plain numeric arrays; the key implementation is fixed by the config
-    (jax's default), so the raw data is enough to rebuild the keys.
-    """
-
-    def convert(leaf):
-        if not _is_key(leaf):
-            return leaf
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.eval_shape(jax.random.key_data, leaf)
-        return jax.random.key_data(leaf)
-
-    return jax.tree.map(convert, tree)
-
-
-def from_storable(tree, like):
-    """Inverse of to_storable: re-wraps key data wherever `like` holds a typed key."""
-
-    def convert(leaf, like_leaf):
-        if not _is_key(like_leaf):
-            return leaf
-        return jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like_leaf))
-
-    return jax.tree.map(convert, tree, like)
-
-
-def abstract_storable(abstract_state):
-    """ShapeDtypeStructs (with shardings) of to_storable(state)."""
-
-    def convert(leaf):
-        if not _is_key(leaf):
-            return leaf
-        data = jax.eval_shape(jax.random.key_data, leaf)
-        # key_data adds a trailing dimension; it stays unsharded.
-        sharding = jax.sharding.NamedSharding(
-            leaf.sharding.mesh, jax.sharding.PartitionSpec(*leaf.sharding.spec, None)
-        )
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-
-    return jax.tree.map(convert, abstract_state)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -246,7 +197,7 @@ class Checkpoints:
         gets one line naming it and where it went) and the one before is tried.
         CheckpointShapeError propagates.
         """
-        with _QuietFailedReads() as quiet:
+        with QuietFailedReads() as quiet:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 failure = None
                 try:
@@ -354,62 +305,6 @@ class Checkpoints:
         finally:
             self.manager.close()
             self._reader.close()
-
-
-class _QuietFailedReads:
-    """Silences what the reads of a failed restore leave behind, and nothing else.
-
-    When one array of a step fails to read, Orbax's restore raises and closes its asyncio
-    loop while tensorstore still completes its other reads: each completion fails to reach
-    the closed loop ("Event loop is closed") and each sibling read coroutine dies with its
-    own error, and Python prints every one as an unraisable traceback, dozens after our
-    one-line warning; asyncio logs the read tasks nobody awaited ("Task exception was
-    never retrieved", with a traceback each). Inside the block the hook drops unraisable
-    errors raised in Orbax's code or by a closed loop, a filter on asyncio's logger drops
-    Orbax's unretrieved task errors, and the dead coroutines and tasks are collected
-    before it ends. After a failed read (`failed`) the late closed-loop callbacks and
-    Orbax task errors stay silenced; nothing else is.
-    """
-
-    def __init__(self) -> None:
-        self.failed = False
-        self._previous = sys.unraisablehook
-
-    def __enter__(self) -> _QuietFailedReads:
-        sys.unraisablehook = self._inside
-        logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        gc.collect()  # finalizes the failed reads' coroutines while `_inside` is the hook
-        sys.unraisablehook = self._after if self.failed else self._previous
-        if not self.failed:
-            logging.getLogger("asyncio").removeFilter(_drop_orbax_task_errors)
-
-    def _inside(self, unraisable) -> None:
-        if not _leftover(unraisable.exc_value):
-            self._previous(unraisable)
-
-    def _after(self, unraisable) -> None:
-        if not _closed_loop(unraisable.exc_value):
-            self._previous(unraisable)
-
-
-def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of an Orbax task whose error nobody retrieved."""
-    return not _leftover(record.exc_info[1] if record.exc_info else None)
-
-
-def _leftover(error: BaseException | None) -> bool:
-    """A closed loop's refusal or an error raised in Orbax's code."""
-    if _closed_loop(error):
-        return True
-    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
-
-
-def _closed_loop(error: BaseException | None) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def tf_gfile():

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from multitask_moe import models
-from multitask_moe.core import checkpoint
+from multitask_moe.core import storable
 from multitask_moe.models.surgery import KeyPath, axis_tags, flatten, key_names, unflatten
 
 HEAD_LEAVES = ("head_kernel", "head_bias", "task_embedding", "task_loss_scale")
@@ -228,7 +228,7 @@ def split(state: Mapping[str, nnx.State], arch: Architecture) -> dict[str, Value
     parts: dict[str, Values] = {}
     for kind, field in (("params", "params"), ("model_state", "statistics")):
         for path, leaf in flatten(state[kind]).items():
-            value = np.array(checkpoint.to_storable(leaf), copy=True)
+            value = np.array(storable.to_storable(leaf), copy=True)
             for name, piece in layout.pieces(path, value):
                 getattr(parts.setdefault(name, Values({}, {})), field)[path] = piece
     return parts
@@ -243,7 +243,7 @@ def assemble(
     for kind, field in (("params", "params"), ("model_state", "statistics")):
         flat = flatten(fresh[kind])
         for path, leaf in flat.items():
-            like = np.asarray(checkpoint.to_storable(leaf))
+            like = np.asarray(storable.to_storable(leaf))
             value = layout.joined(
                 path, like, lambda name, f=field, p=path: getattr(parts[name], f)[p]
             )
@@ -255,9 +255,9 @@ def assemble(
 
 
 def _restore(stored: np.ndarray, like):
-    if stored.shape != tuple(jax.eval_shape(checkpoint.to_storable, like).shape):
+    if stored.shape != tuple(jax.eval_shape(storable.to_storable, like).shape):
         raise ValueError(f"component values of shape {stored.shape} for a leaf of {like.shape}")
-    return checkpoint.from_storable(jax.numpy.asarray(stored), like)
+    return storable.from_storable(jax.numpy.asarray(stored), like)
 
 
 def leaf_trainable(
