@@ -22,7 +22,7 @@ from multitask_moe.core import config_lib
 from multitask_moe.evolution import System, path_model, paths
 from multitask_moe.evolution.store import SystemCheckpoints
 from multitask_moe.evolve import evolve, settings_from_config
-from multitask_moe.models.surgery import adam_moment_key
+from multitask_moe.models.keys import adam_moment_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -223,7 +223,8 @@ def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_se
     inherited = system.pool[system.named_components(grandchild)["block1.expert4"]]
     assert inherited.origin == trained.id
     state, opt_state, _, _ = system._prepare(grandchild, grand_trainable)
-    slot_axes = path_model.Layout.of(system.arch[grandchild], state).axes
+    sliced = path_model.owners(system.arch[grandchild], state).sliced
+    slot_axes = {path: axis for path, (axis, _) in sliced.items()}
     moments = {
         key: np.asarray(leaf)
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]

@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from multitask_moe.core.failed_reads import QuietFailedReads
 from multitask_moe.core.storable import abstract_storable, from_storable, to_storable
 from multitask_moe.errors import one_line
-from multitask_moe.models.surgery import key_names, path_text
+from multitask_moe.models.keys import key_names, path_text
 
 logger = logging.getLogger(__name__)
 

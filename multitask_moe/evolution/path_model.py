@@ -23,8 +23,9 @@ is state, not shape: every active set of one architecture runs the same compiled
 
 The model is built with the project's own layers (models.model_from_config), so an MoE
 block in a path is the same MoE layer as in a trained model. Its state is a pytree; every
-leaf, or every expert slice of a leaf, belongs to exactly one component (`Layout`), which
-is what lets components be reused, cloned and locked one by one.
+leaf, or every expert slice of a leaf, belongs to exactly one component (`owners`, the
+models.Owners every state cut of the project uses), which is what lets components be
+reused, cloned and locked one by one.
 
     arch = Architecture(depth=3, adapters=((1, 16),), num_classes=10, modality="image")
     graphdef, fresh = build(model_config, arch, token_shape, seed)
@@ -44,7 +45,8 @@ from flax import nnx
 
 from multitask_moe import models
 from multitask_moe.core import storable
-from multitask_moe.models.surgery import KeyPath, axis_tags, flatten, key_names, unflatten
+from multitask_moe.models.keys import KeyPath, axis_tags, flatten, key_names, unflatten
+from multitask_moe.models.ownership import Owners
 
 HEAD_LEAVES = ("head_kernel", "head_bias", "task_embedding", "task_loss_scale")
 # Leaves set from the architecture, owned by no component: which expert slots route.
@@ -97,9 +99,12 @@ class Values:
         return int(sum(np.size(v) for v in self.params.values()))
 
 
-def component_of(path: KeyPath) -> str:
-    """The component a state leaf belongs to, from its path."""
+def component_of(path: KeyPath) -> str | None:
+    """The component a state leaf (or an Adam moment of one) belongs to, from its path;
+    None for the leaves set from the architecture."""
     first = path[0]
+    if path[-1] in ARCH_LEAVES:
+        return None
     if first in HEAD_LEAVES:
         return "head"
     if first == "blocks":
@@ -138,99 +143,47 @@ def build(
     return graphdef, {"params": params, "model_state": model_state}
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Which component owns each leaf of a path model, or each expert slice of a leaf.
+def owners(arch: Architecture, state: Mapping[str, nnx.State]) -> Owners:
+    """Which component owns each leaf of `state` (a fresh or trained path model of
+    `arch`), or each active slot's slice of an expert-indexed leaf of an MoE block with
+    slots (its expert axis, read from the axis tags the layers give their variables). An
+    optimizer state's moments have their parameters' paths, so the same owners cut them.
+    Free slots and the leaves set from the architecture belong to nobody."""
+    # The MoE layers with slots: where their `active_experts` lives (a block may also
+    # hold an MoA layer, whose expert-indexed leaves are not slots).
+    blocks = dict(arch.experts)
+    layers = [
+        path[:-1]
+        for path in flatten(state["model_state"])
+        if path[-1] in ARCH_LEAVES and path[1] in blocks
+    ]
+    sliced = {}
+    for kind in ("params", "model_state"):
+        for path, tags in axis_tags(state[kind]).items():
+            axis = tags.get("expert_axis", tags.get("route_axis"))
+            if axis is not None and any(path[: len(p)] == p for p in layers):
+                sliced[path] = (axis, {k: expert_name(path[1], k) for k in blocks[path[1]]})
+    return Owners(whole=component_of, sliced=sliced)
 
-    axes: {leaf path: its expert-slot axis} for the expert-indexed leaves of the MoE
-    blocks with slots (read from the axis tags the layers give their variables).
-    """
 
-    arch: Architecture
-    axes: Mapping[KeyPath, int]
-
-    @classmethod
-    def of(cls, arch: Architecture, state: Mapping[str, nnx.State]) -> Layout:
-        """The layout of `state` (a fresh or trained path model of `arch`)."""
-        # The MoE layers with slots: where their `active_experts` lives (a block may also
-        # hold an MoA layer, whose expert-indexed leaves are not slots).
-        blocks = dict(arch.experts)
-        layers = [
-            path[:-1]
-            for path in flatten(state["model_state"])
-            if path[-1] in ARCH_LEAVES and path[1] in blocks
-        ]
-        axes = {}
-        for kind in ("params", "model_state"):
-            for path, tags in axis_tags(state[kind]).items():
-                path = key_names(path)
-                axis = tags.get("expert_axis", tags.get("route_axis"))
-                if axis is not None and any(path[: len(p)] == p for p in layers):
-                    axes[path] = axis
-        return cls(arch, axes)
-
-    def _slots(self, path: KeyPath) -> tuple[int, ...]:
-        return dict(self.arch.experts)[path[1]]
-
-    def pieces(self, path: KeyPath, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """[(component, its part of `value`)] for the leaf at `path`: the whole leaf, or
-        for an expert-indexed leaf one slice per active slot (value [.., S, ..] -> [.., ..],
-        S slots on the leaf's slot axis)."""
-        if path[-1] in ARCH_LEAVES:
-            return []
-        if path not in self.axes:
-            return [(component_of(path), value)]
-        axis = self.axes[path]
-        return [(expert_name(path[1], k), np.take(value, k, axis=axis)) for k in self._slots(path)]
-
-    def joined(self, path: KeyPath, fresh: np.ndarray, part_of) -> np.ndarray:
-        """The leaf at `path` from its components' parts (`part_of(component)`, None where a
-        component has none, e.g. no optimizer state yet: `fresh` stays there); the inverse
-        of `pieces`. Free slots keep `fresh`'s values, which routing never reads."""
-        if path[-1] in ARCH_LEAVES:
-            return self.active_mask(path[1], fresh.shape[-1])
-        if path not in self.axes:
-            part = part_of(component_of(path))
-            return fresh if part is None else part
-        value, axis = np.array(fresh, copy=True), self.axes[path]
-        for k in self._slots(path):
-            part = part_of(expert_name(path[1], k))
-            if part is not None:
-                index = [slice(None)] * value.ndim
-                index[axis] = k
-                value[tuple(index)] = part
-        return value
-
-    def active_mask(self, block: int, slots: int) -> np.ndarray:
-        mask = np.zeros((slots,), bool)
-        mask[list(dict(self.arch.experts).get(block, ()))] = True
-        return mask
-
-    def trainable_mask(self, path: KeyPath, shape, trainable: Mapping[str, bool]) -> np.ndarray:
-        """A bool mask broadcastable to the leaf: per slot for an expert-indexed leaf (the
-        same shape for every active set, so one compile), else a scalar."""
-        if path[-1] in ARCH_LEAVES:
-            return np.bool_(False)
-        if path not in self.axes:
-            return np.bool_(trainable[component_of(path)])
-        axis = self.axes[path]
-        mask = np.zeros([shape[axis] if d == axis else 1 for d in range(len(shape))], bool)
-        index = [0] * len(shape)
-        for k in self._slots(path):
-            index[axis] = k
-            mask[tuple(index)] = trainable[expert_name(path[1], k)]
-        return mask
+def active_mask(arch: Architecture, block: int, slots: int) -> np.ndarray:
+    """[slots] bool: the expert slots of `block` that route."""
+    mask = np.zeros((slots,), bool)
+    mask[list(dict(arch.experts).get(block, ()))] = True
+    return mask
 
 
 def split(state: Mapping[str, nnx.State], arch: Architecture) -> dict[str, Values]:
     """{"params", "model_state"} -> {component name: its Values} (host numpy copies)."""
-    layout = Layout.of(arch, state)
+    cut = owners(arch, state)
     parts: dict[str, Values] = {}
     for kind, field in (("params", "params"), ("model_state", "statistics")):
-        for path, leaf in flatten(state[kind]).items():
-            value = np.array(storable.to_storable(leaf), copy=True)
-            for name, piece in layout.pieces(path, value):
-                getattr(parts.setdefault(name, Values({}, {})), field)[path] = piece
+        flat = {
+            path: np.array(storable.to_storable(leaf), copy=True)
+            for path, leaf in flatten(state[kind]).items()
+        }
+        for name, values in cut.split(flat).items():
+            getattr(parts.setdefault(name, Values({}, {})), field).update(values)
     return parts
 
 
@@ -238,15 +191,18 @@ def assemble(
     fresh: Mapping[str, nnx.State], parts: Mapping[str, Values], arch: Architecture
 ) -> dict:
     """The state with `fresh`'s structure and every component's values from `parts`."""
-    layout = Layout.of(arch, fresh)
+    cut = owners(arch, fresh)
     out = {}
     for kind, field in (("params", "params"), ("model_state", "statistics")):
         flat = flatten(fresh[kind])
         for path, leaf in flat.items():
             like = np.asarray(storable.to_storable(leaf))
-            value = layout.joined(
-                path, like, lambda name, f=field, p=path: getattr(parts[name], f)[p]
-            )
+            if path[-1] in ARCH_LEAVES:
+                value = active_mask(arch, path[1], like.shape[-1])
+            else:
+                value = cut.joined(
+                    path, like, lambda name, f=field, p=path: getattr(parts[name], f)[p]
+                )
             flat[path] = _restore(value, leaf)
         state = fresh[kind]
         nnx.replace_by_pure_dict(state, unflatten(flat))
@@ -265,11 +221,11 @@ def leaf_trainable(
 ) -> dict:
     """{"params", "model_state"} trees of bool masks: each leaf's (or expert slice's)
     component's flag."""
-    layout = Layout.of(arch, fresh)
+    cut = owners(arch, fresh)
     out = {}
     for kind in ("params", "model_state"):
         out[kind] = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: layout.trainable_mask(key_names(path), np.shape(leaf), trainable),
+            lambda path, leaf: cut.mask(key_names(path), np.shape(leaf), trainable),
             nnx.to_pure_dict(fresh[kind]),
         )
     return out

@@ -32,7 +32,7 @@ from multitask_moe.evolution import offspring, path_model, pool_state, sampling,
 from multitask_moe.evolution.components import ComponentPool
 from multitask_moe.evolution.paths import Path, accounted_params, score
 from multitask_moe.evolution.settings import LADDERS, Settings
-from multitask_moe.models.surgery import flatten
+from multitask_moe.models.keys import flatten
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from flax import nnx
 
 from multitask_moe import parallel
 from multitask_moe.evolution import child
-from multitask_moe.models.surgery import adam_moment_key, axis_tags, key_names, select
+from multitask_moe.models.keys import adam_moment_key, axis_tags, key_names
+from multitask_moe.models.surgery import select
 
 
 def _rows(keep, new, old):

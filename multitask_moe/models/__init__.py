@@ -9,16 +9,17 @@ logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
+from multitask_moe.models.keys import axis_tags
 from multitask_moe.models.model import (
     INVALID_CLASS_LOGIT,
     MultitaskTransformer,
     sparse_layer_path,
 )
+from multitask_moe.models.ownership import Owners
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
 from multitask_moe.models.surgery import (
     FREEZE_MODES,
     RowMap,
-    axis_tags,
     frozen_fraction,
     trainable_mask,
     transplant,
@@ -36,6 +37,7 @@ __all__ = [
     "MoESettings",
     "MultiModalStem",
     "MultitaskTransformer",
+    "Owners",
     "RowMap",
     "axis_tags",
     "frozen_fraction",

@@ -1,25 +1,24 @@
-"""State surgery over the axis tags: who owns each leaf or slice of a model's state, and
-the cuts and stitches every lifecycle step makes with that one piece of metadata.
+"""State surgery over the axis tags: the cuts and stitches every lifecycle step makes
+with one piece of metadata.
 
 A task owns rows of task-indexed tables (task embedding, routing rows A[t], per-task
 routers W[t], heads, loss scales, usage statistics); an expert pool owns slices of
 expert-indexed arrays. Each such variable tags its axes when it is created (`task_axis`,
-`expert_axis`, `route_axis`, `class_axis` metadata), and everything here reads them:
+`expert_axis`, `route_axis`, `class_axis` metadata, read by keys.axis_tags):
 
     tags = axis_tags(target_model)                  # {path: {"task_axis": 0, ...}}
     values = transplant(source_values, target_values, tags, rows)   # rows: a RowMap
     mask = trainable_mask(abstract_params, tags, "shared", new_tasks=(4, 5))
     new = keep_frozen(new, old, mask)               # the train step's frozen entries
-    slot, path = adam_moment_key(key_path)          # an optimizer moment's parameter
 
 Extraction maps one task and the kept experts (`transplant`); a warm start maps old
-tasks by name and freezes their rows (`transplant`, `trainable_mask`); the train step
-keeps frozen entries (`keep_frozen`); evolution's path models (evolution/path_model.py)
-cut the same tagged expert axes into expert components and slice the optimizer's
-moments with their parameters (`adam_moment_key`).
+tasks by name and freezes their rows (`transplant`, `trainable_mask`, whose freeze modes
+are owners in the sense of models/ownership.py: the new tasks' rows train, the rest
+stays); the train step keeps frozen entries (`keep_frozen`); evolution's path models
+(evolution/path_model.py) own the same tagged expert axes slot by slot with
+ownership.Owners, which also slices the optimizer's moments with their parameters.
 
-Values are pure dicts (nnx.to_pure_dict); a leaf's path is the tuple of its keys
-(`key_names`, the one normalizer of jax key paths), flattened with flax.traverse_util.
+Values are pure dicts (nnx.to_pure_dict); a leaf's path is its key tuple (models/keys.py).
 Shape legend: T tasks, E experts, C classes.
 """
 
@@ -31,59 +30,10 @@ from collections.abc import Collection, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
-KeyPath = tuple  # a leaf's keys in the nested pure dict: ("blocks", 1, "mlp", "kernel")
-
-
-def key_names(key_path, *, variables: bool = False) -> KeyPath:
-    """A jax key path into a pure dict, an nnx.State or an optimizer state over one, as
-    the leaf's path in the pure dict ("blocks", 1, ..., "kernel"): dict keys, sequence
-    indices and attribute names, without the Variable's `.value` attribute, which the
-    pure dict does not have. variables=True keeps it: the name of the leaf in a stored
-    nnx.State (a checkpoint's metadata holds the Variable's value under "value")."""
-    names = []
-    for entry in key_path:
-        if not variables and isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
-            continue
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                names.append(getattr(entry, attr))
-                break
-        else:
-            names.append(entry)
-    return tuple(names)
-
-
-def path_text(path: KeyPath) -> str:
-    """The one string form of a leaf's path in files and messages: "blocks/1/mlp/kernel"."""
-    return "/".join(map(str, path))
-
-
-def flatten(state) -> dict[KeyPath, object]:
-    """An nnx.State or a pure dict -> {leaf path: value} (list indices as ints)."""
-    pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else dict(state)
-    return traverse_util.flatten_dict(pure)
-
-
-def unflatten(flat: Mapping[KeyPath, object]) -> dict:
-    """{leaf path: value} -> the nested pure dict."""
-    return traverse_util.unflatten_dict(dict(flat))
-
-
-def adam_moment_key(key_path) -> tuple[str, KeyPath] | None:
-    """("mu" | "nu", parameter path) of an Adam moment leaf of an optimizer state over the
-    parameters (core.state.adamw); None for other leaves (the step count, the injected
-    hyperparameters)."""
-    names = [getattr(k, "name", None) for k in key_path]
-    for slot in ("mu", "nu"):
-        if slot in names:
-            index = names.index(slot)
-            return slot, key_names(key_path[index + 1 :])
-    return None
-
-
-AXIS_TAGS = ("task_axis", "expert_axis", "route_axis", "class_axis")
+from multitask_moe.models.keys import KeyPath, flatten, key_names, path_text, unflatten
+from multitask_moe.models.ownership import Owners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +55,6 @@ class RowMap:
     experts: Mapping[KeyPath, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     routes: Mapping[KeyPath, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     class_tasks: tuple[int | None, ...] | None = None
-
-
-def axis_tags(model: nnx.Module | nnx.State) -> dict[KeyPath, dict[str, int]]:
-    """{path: {tag: axis}} of every tagged variable of `model` (abstract or concrete), or
-    of a state split from one (e.g. the abstract parameters of a StateSpec)."""
-    tags = {}
-    state = model if isinstance(model, nnx.State) else nnx.state(model)
-    for path, variable in nnx.to_flat_state(state):
-        metadata = variable.get_metadata()
-        found = {tag: metadata[tag] for tag in AXIS_TAGS if metadata.get(tag) is not None}
-        if found:
-            tags[tuple(path)] = found
-    return tags
 
 
 def _layer_of(path: KeyPath, layers: Mapping[KeyPath, object]) -> KeyPath | None:
@@ -154,7 +91,7 @@ def transplant(
         if not leaf_tags:  # copied as it is (PRNG keys included, which numpy cannot hold)
             if np.shape(value) != np.shape(fresh):
                 raise ValueError(
-                    f"{'/'.join(map(str, path))}: the source has shape "
+                    f"{path_text(path)}: the source has shape "
                     f"{list(np.shape(value))}, the target {list(np.shape(fresh))}"
                 )
             out[path] = value
@@ -171,7 +108,7 @@ def transplant(
         value = _task_and_class_rows(value, fresh, leaf_tags, tasks)
         if value.shape != fresh.shape:
             raise ValueError(
-                f"{'/'.join(map(str, path))}: the source has shape {list(value.shape)} after "
+                f"{path_text(path)}: the source has shape {list(value.shape)} after "
                 f"mapping tasks and experts, the target {list(fresh.shape)}"
             )
         out[path] = value.astype(fresh.dtype)
@@ -240,28 +177,34 @@ def trainable_mask(
     """
     if mode not in FREEZE_MODES:
         raise ValueError(f"freeze={mode!r} is not allowed; allowed: {FREEZE_MODES}")
-    new_tasks = sorted(new_tasks)
+    owners = freeze_owners(params, tags, mode, new_paths=new_paths)
+    new_tasks = set(new_tasks)
+    flags = {"trains": True, "stays": statistics}
+    for _, rows in owners.sliced.values():
+        flags.update({owner: owner[1] in new_tasks for owner in rows.values()})
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: owners.mask(key_names(path), np.shape(leaf), flags), params
+    )
+
+
+def freeze_owners(
+    params, tags: Mapping[KeyPath, Mapping[str, int]], mode: str, *, new_paths=()
+) -> Owners:
+    """The owners of a freeze mode: "trains" and "stays" for whole leaves, and under
+    "shared" ("task", t) for row t of every task-indexed leaf the old model had."""
     new_paths = {tuple(p) for p in new_paths}
-
-    def leaf_mask(path, leaf):
-        path = key_names(path)
-        leaf_tags = tags.get(path, {})
-        if mode == "none" or path in new_paths:
-            return np.ones((), bool)
-        if statistics and (mode == "experts" or "task_axis" not in leaf_tags):
-            return np.ones((), bool)
-        if mode == "experts":
-            return np.asarray("expert_axis" not in leaf_tags)
-        if "task_axis" not in leaf_tags:
-            return np.zeros((), bool)
-        axis = leaf_tags["task_axis"]
-        shape = [1] * len(leaf.shape)
-        shape[axis] = leaf.shape[axis]
-        rows = np.zeros(shape[axis], bool)
-        rows[new_tasks] = True
-        return rows.reshape(shape)
-
-    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+    if mode == "none":
+        return Owners(whole=lambda path: "trains")
+    if mode == "experts":
+        return Owners(
+            whole=lambda path: "stays" if "expert_axis" in tags.get(path, {}) else "trains"
+        )
+    sliced = {}
+    for path, leaf in flatten(params).items():
+        axis = tags.get(path, {}).get("task_axis")
+        if axis is not None and path not in new_paths:
+            sliced[path] = (axis, {t: ("task", t) for t in range(np.shape(leaf)[axis])})
+    return Owners(whole=lambda path: "trains" if path in new_paths else "stays", sliced=sliced)
 
 
 def keep_frozen(new, old, mask):
