@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from multitask_moe.evolution import mutation, path_model
 from multitask_moe.evolution.settings import LADDERS
+from multitask_moe.models.identity import ComponentName
 
 if TYPE_CHECKING:
     from multitask_moe.evolution.system import System
@@ -54,16 +55,17 @@ def make_child(system: System, parent_id: int, task: str) -> tuple[int, dict[str
     components, trainable = [], {}
     other_task = parent.task != task
     for name in arch.component_names():
+        place = ComponentName.parse(name)
         source = inherited.get(name)
-        if name == "head" and other_task:
+        if place.kind == "head" and other_task:
             source = None  # a new head for a new task
-        if name == "stem" and modality != parent_arch.modality:
+        if place.kind == "stem" and modality != parent_arch.modality:
             source = None
-        if name.startswith("block") and source is None:
+        if place.in_block and source is None:
             source = root.get(name)  # a block (or an expert of one) of the root
-        if name.startswith("adapter") and source is not None:
-            size = dict(parent_arch.adapters)[int(name.removeprefix("adapter"))]
-            source = source if size == adapters[int(name.removeprefix("adapter"))] else None
+        if place.kind == "adapter" and source is not None:
+            size = dict(parent_arch.adapters)[place.block]
+            source = source if size == adapters[place.block] else None
         if source is None:
             if new_parts is None:
                 new_parts = path_model.split(system._fresh(arch)[1], arch)

@@ -45,10 +45,13 @@ from flax import nnx
 
 from multitask_moe import models
 from multitask_moe.core import storable
+from multitask_moe.models.identity import ComponentName
 from multitask_moe.models.keys import KeyPath, axis_tags, flatten, key_names, unflatten
 from multitask_moe.models.ownership import Owners
 
 HEAD_LEAVES = ("head_kernel", "head_bias", "task_embedding", "task_loss_scale")
+# The model's lists of blocks and adapters, and the component kind of their entries.
+INDEXED_LEAVES = {"blocks": "block", "adapters": "adapter"}
 # Leaves set from the architecture, owned by no component: which expert slots route.
 ARCH_LEAVES = ("active_experts",)
 
@@ -67,15 +70,16 @@ class Architecture:
     experts: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def component_names(self) -> tuple[str, ...]:
-        """The path's components in model order."""
-        names = ["stem", "position_embedding"]
+        """The path's components in model order (models.ComponentName's string form)."""
+        names = [ComponentName("stem"), ComponentName("position_embedding")]
         adapters, experts = dict(self.adapters), dict(self.experts)
         for i in range(self.depth):
-            names.append(f"block{i}")
-            names.extend(expert_name(i, k) for k in experts.get(i, ()))
+            names.append(ComponentName("block", i))
+            names.extend(ComponentName.expert_slot(i, k) for k in experts.get(i, ()))
             if i in adapters:
-                names.append(f"adapter{i}")
-        return (*names, "final_norm", "head")
+                names.append(ComponentName("adapter", i))
+        names += [ComponentName("final_norm"), ComponentName("head")]
+        return tuple(map(str, names))
 
     @property
     def shapes(self) -> Architecture:
@@ -84,7 +88,8 @@ class Architecture:
 
 
 def expert_name(block: int, slot: int) -> str:
-    return f"block{block}.expert{slot}"
+    """The component name of expert slot `slot` of block `block`'s MoE."""
+    return str(ComponentName.expert_slot(block, slot))
 
 
 @dataclasses.dataclass
@@ -106,14 +111,10 @@ def component_of(path: KeyPath) -> str | None:
     if path[-1] in ARCH_LEAVES:
         return None
     if first in HEAD_LEAVES:
-        return "head"
-    if first == "blocks":
-        return f"block{path[1]}"
-    if first == "adapters":
-        return f"adapter{path[1]}"
-    if first == "stem":
-        return "stem"
-    return str(first)
+        return str(ComponentName("head"))
+    if first in INDEXED_LEAVES:  # a block's leaves, or an adapter's
+        return str(ComponentName(INDEXED_LEAVES[first], int(path[1])))
+    return str(ComponentName(first))  # stem, position_embedding, final_norm
 
 
 def model_config_for(base: ml_collections.ConfigDict, arch: Architecture):

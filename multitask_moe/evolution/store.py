@@ -22,17 +22,9 @@ from multitask_moe.evolution.path_model import Architecture
 from multitask_moe.evolution.paths import Path
 from multitask_moe.evolution.settings import Settings
 from multitask_moe.evolution.system import System
+from multitask_moe.models.keys import path_of_stored_key, stored_key
 
 logger = logging.getLogger(__name__)
-
-
-def encode(path: tuple) -> str:
-    """("blocks", 0, "mlp") -> "blocks.#0.mlp" (a flat key Orbax can store)."""
-    return ".".join(f"#{k}" if isinstance(k, int) else str(k) for k in path)
-
-
-def decode(text: str) -> tuple:
-    return tuple(int(k[1:]) if k.startswith("#") else k for k in text.split("."))
 
 
 class SystemCheckpoints:
@@ -76,10 +68,10 @@ def _serialize(system: System) -> tuple[dict, dict]:
     for component in system.pool:
         statistics = component.statistics or {}
         entry = {
-            "params": {encode(k): np.asarray(v) for k, v in component.params.items()},
-            "statistics": {encode(k): np.asarray(v) for k, v in statistics.items()},
+            "params": {stored_key(k): np.asarray(v) for k, v in component.params.items()},
+            "statistics": {stored_key(k): np.asarray(v) for k, v in statistics.items()},
             "opt": {
-                f"{slot}.{encode(path)}": np.asarray(v)
+                f"{slot}.{stored_key(path)}": np.asarray(v)
                 for (slot, path), v in (component.opt_state or {}).items()
             },
         }
@@ -120,12 +112,12 @@ def _deserialize(system: System, arrays: dict, meta: dict) -> None:
         stored = arrays.get(f"c{entry['id']}", {})
 
         def leaves(kind, stored=stored):
-            return {decode(k): np.asarray(v) for k, v in stored.get(kind, {}).items()}
+            return {path_of_stored_key(k): np.asarray(v) for k, v in stored.get(kind, {}).items()}
 
         params, opt = leaves("params"), {}
         for key, value in stored.get("opt", {}).items():
             slot, _, path = key.partition(".")
-            path = decode(path)
+            path = path_of_stored_key(path)
             # Older checkpoints keyed moments by the nnx Variable's `.value` and, with
             # expert slots, gave a block every expert's moments: keep a component's own.
             if path[-1:] == ("value",):

@@ -260,8 +260,8 @@ def restore_target(
     tags = models.axis_tags(abstract_model)
     rows = models.RowMap(
         tasks=(task_id,),
-        experts={models.sparse_layer_path(name): ids for name, ids in kept.items()},
-        routes={models.sparse_layer_path(name): ids for name, ids in routes.items()},
+        experts={models.SparseLayer.parse(name).state_path: ids for name, ids in kept.items()},
+        routes={models.SparseLayer.parse(name).state_path: ids for name, ids in routes.items()},
     )
     source_values = jax.device_get(
         {"params": source.state["params"], "model_state": source.state["model_state"]}

@@ -9,11 +9,11 @@ logits, aux = model(inputs, mask, task_ids, deterministic=False)
 
 from multitask_moe.models.blocks import Block
 from multitask_moe.models.build import DTYPES, model_from_config
+from multitask_moe.models.identity import ComponentName, SparseLayer
 from multitask_moe.models.keys import axis_tags
 from multitask_moe.models.model import (
     INVALID_CLASS_LOGIT,
     MultitaskTransformer,
-    sparse_layer_path,
 )
 from multitask_moe.models.ownership import Owners
 from multitask_moe.models.stems import MODALITIES, MultiModalStem
@@ -33,16 +33,17 @@ __all__ = [
     "INVALID_CLASS_LOGIT",
     "MODALITIES",
     "Block",
+    "ComponentName",
     "MoASettings",
     "MoESettings",
     "MultiModalStem",
     "MultitaskTransformer",
     "Owners",
     "RowMap",
+    "SparseLayer",
     "axis_tags",
     "frozen_fraction",
     "model_from_config",
-    "sparse_layer_path",
     "trainable_mask",
     "transplant",
     "transplant_state",

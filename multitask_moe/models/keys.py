@@ -1,6 +1,6 @@
-"""A model state's leaves by path: the one normalizer of jax key paths, the one string
-form of a path, flattening with flax.traverse_util, the parameter of an Adam moment, and
-the axis tags the layers give their variables.
+"""A model state's leaves by path: the one normalizer of jax key paths, a path's text
+in messages and as a stored key, flattening with flax.traverse_util, the parameter of an
+Adam moment, and the axis tags the layers give their variables.
 
 A leaf's path is the tuple of its keys in the nested pure dict (nnx.to_pure_dict):
 ("blocks", 1, "mlp", "kernel"); list indices are ints.
@@ -36,8 +36,19 @@ def key_names(key_path, *, variables: bool = False) -> KeyPath:
 
 
 def path_text(path: KeyPath) -> str:
-    """The one string form of a leaf's path in files and messages: "blocks/1/mlp/kernel"."""
+    """A leaf's path in messages and logs: "blocks/1/mlp/kernel"."""
     return "/".join(map(str, path))
+
+
+def stored_key(path: KeyPath) -> str:
+    """A leaf's path as a flat key an Orbax item stores ("blocks.#1.mlp.kernel": no "/",
+    which Orbax would read as nesting, and list indices marked, so it reads back)."""
+    return ".".join(f"#{k}" if isinstance(k, int) else str(k) for k in path)
+
+
+def path_of_stored_key(text: str) -> KeyPath:
+    """The inverse of `stored_key`."""
+    return tuple(int(k[1:]) if k.startswith("#") else k for k in text.split("."))
 
 
 def flatten(state) -> dict[KeyPath, object]:

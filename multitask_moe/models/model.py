@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from multitask_moe.models.blocks import Block, ResidualAdapter
+from multitask_moe.models.identity import SparseLayer
 from multitask_moe.models.stems import MultiModalStem
 from multitask_moe.models.tables import lookup, take_rows
 from multitask_moe.moe import MoA, MoASettings, MoE, MoESettings
@@ -38,15 +39,6 @@ def placement(depth: int, every: int, offset: int) -> tuple[int, ...]:
     if every == 0:
         return ()
     return tuple(i for i in range(depth) if i % every == offset % every)
-
-
-def sparse_layer_path(name: str) -> tuple[str | int, ...]:
-    """ "block<i>/moe" | "block<i>/moa" -> the layer's path in the model's state."""
-    block, kind = name.split("/")
-    index = int(block.removeprefix("block"))
-    return (
-        ("blocks", index, "mlp", "moe") if kind == "moe" else ("blocks", index, "attention", "moa")
-    )
 
 
 class MultitaskTransformer(nnx.Module):
@@ -131,7 +123,8 @@ class MultitaskTransformer(nnx.Module):
                 f"allowed: {self.sparse_layer_names()}"
             )
 
-        def settings_of(name, settings):
+        def settings_of(block, kind, settings):
+            name = str(SparseLayer(block, kind))
             return settings.updated(layers[name]) if name in layers else settings
 
         self.position_embedding = nnx.Param(
@@ -148,8 +141,8 @@ class MultitaskTransformer(nnx.Module):
                     num_heads,
                     mlp_dim,
                     num_tasks,
-                    moe=settings_of(f"block{i}/moe", moe) if i in self.moe_blocks else None,
-                    moa=settings_of(f"block{i}/moa", moa) if i in self.moa_blocks else None,
+                    moe=settings_of(i, "moe", moe) if i in self.moe_blocks else None,
+                    moa=settings_of(i, "moa", moa) if i in self.moa_blocks else None,
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,
@@ -194,8 +187,8 @@ class MultitaskTransformer(nnx.Module):
         """Names of the aux entries this model returns, in block order."""
         names = []
         for i in sorted(set(self.moa_blocks) | set(self.moe_blocks)):
-            names += [f"block{i}/moa"] if i in self.moa_blocks else []
-            names += [f"block{i}/moe"] if i in self.moe_blocks else []
+            names += [str(SparseLayer(i, "moa"))] if i in self.moa_blocks else []
+            names += [str(SparseLayer(i, "moe"))] if i in self.moe_blocks else []
         return names
 
     def sparse_layers(self) -> dict[str, MoE | MoA]:
@@ -204,7 +197,7 @@ class MultitaskTransformer(nnx.Module):
 
     def sparse_layer(self, name: str) -> MoE | MoA:
         node = self
-        for key in sparse_layer_path(name):
+        for key in SparseLayer.parse(name).state_path:
             node = node[key] if isinstance(key, int) else getattr(node, key)
         return node
 
@@ -241,7 +234,7 @@ class MultitaskTransformer(nnx.Module):
             x, block_aux = block(
                 x + task_vector, task_ids=task_ids, mask=mask, deterministic=deterministic
             )
-            aux.update({f"block{i}/{kind}": value for kind, value in block_aux.items()})
+            aux.update({str(SparseLayer(i, kind)): value for kind, value in block_aux.items()})
             if str(i) in self.adapters:
                 x = self.adapters[str(i)](x)
         x = self.final_norm(x).astype(jnp.float32)  # [B, L, D]
