@@ -108,7 +108,7 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
     files.write_config(workdir, config)
     checkpoints = SystemCheckpoints(os.path.join(workdir, SYSTEM_DIR))
     try:
-        restored = checkpoints.restore(settings, warn=_warn)
+        restored = checkpoints.restore(settings, warn=runtime.warn)
         if restored is not None:
             system = restored
             print(f"Resuming: {len(system.best)} tasks done, {system.progress}.", flush=True)
@@ -137,10 +137,6 @@ def _evolve_claimed(config, settings, workdir: str) -> dict:
         return contents
     finally:
         checkpoints.close()
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> None:

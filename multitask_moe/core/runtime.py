@@ -22,6 +22,16 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def warn(message: str) -> None:
+    """A warning in the log and, from process 0, one `warning:` line on stderr (a skipped
+    unreadable checkpoint, a setting that does less than it says)."""
+    import jax  # here: importing this module must not start JAX (configure_jax)
+
+    logging.warning(message)
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _config_path(argv: list[str]) -> str | None:
     for index, arg in enumerate(argv):
         if arg.startswith("--config="):

@@ -104,22 +104,19 @@ class MoA(nnx.Module, TracksUsage):
         fan_in = nnx.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
+
         # Sharded over the mesh's 'expert' axis from creation when built under jax.set_mesh.
-        replicate = replicate_indivisible_experts
-        self.w_query = expert_param(
-            fan_in,
-            rngs.params(),
-            (num_experts, d_model, head_dim),
-            param_dtype,
-            replicate_indivisible=replicate,
-        )
-        self.w_out = expert_param(
-            fan_in,
-            rngs.params(),
-            (num_experts, head_dim, d_model),
-            param_dtype,
-            replicate_indivisible=replicate,
-        )
+        def per_expert(shape):
+            return expert_param(
+                fan_in,
+                rngs.params(),
+                (num_experts, *shape),
+                param_dtype,
+                replicate_indivisible=replicate_indivisible_experts,
+            )
+
+        self.w_query = per_expert((d_model, head_dim))  # [E, D, H]
+        self.w_out = per_expert((head_dim, d_model))  # [E, H, D]
         self.w_kv = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, 2 * head_dim), param_dtype)
         )

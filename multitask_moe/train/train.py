@@ -11,9 +11,7 @@ resumes from its own checkpoints), the loop, and the final evaluation, plots and
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import sys
 
 import jax
 import ml_collections
@@ -23,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from multitask_moe import parallel
-from multitask_moe.core import config_lib, files
+from multitask_moe.core import config_lib, files, runtime
 from multitask_moe.core import evaluate as evaluate_lib
 from multitask_moe.core.checkpoint import Checkpoints, CheckpointShapeError
 from multitask_moe.core.run_lock import claim
@@ -33,8 +31,6 @@ from multitask_moe.errors import ConfigError
 from multitask_moe.train import loop, plots, warm_start
 from multitask_moe.train.metrics import MetricWriter, TrainMeter, read_history
 from multitask_moe.train.setup import Prepared, check, prepare
-
-logger = logging.getLogger(__name__)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -263,7 +259,7 @@ def _initial_state(
             f"{config.num_train_steps}; raise num_train_steps or use a new --workdir"
         )
     try:
-        restored = checkpoints.restore_latest_readable(spec.abstract, _warn)
+        restored = checkpoints.restore_latest_readable(spec.abstract, runtime.warn)
     except CheckpointShapeError as error:
         raise ConfigError(f"{error}; {_config_changes(workdir, config)}") from None
     if restored is None and experiment.warm_start is not None:
@@ -275,12 +271,6 @@ def _initial_state(
     if jax.process_index() == 0:
         print(f"Resuming from step {step} ({checkpoints.directory}).", flush=True)
     return state, step
-
-
-def _warn(message: str) -> None:
-    logger.warning(message)
-    if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
