@@ -71,10 +71,20 @@ def test_earlier_task_is_bit_identical_after_a_new_one(grown):
 
 
 def test_no_locked_parameter_changes(grown):
-    system, _, _, _, locked = grown
+    system, _, second, _, locked = grown
     now = locked_arrays(system)
     for key, value in locked.items():
         np.testing.assert_array_equal(now[key], value)  # still alive, same bits
+    # ... while evolving the second task did train: a component it cloned differs from
+    # the one it was cloned from (were training a no-op, the check above would hold too).
+    cloned = [system.pool[c["id"]] for c in second["components"].values() if c["kind"] != "reused"]
+    trained = [
+        c
+        for c in cloned
+        if c.origin in system.pool
+        and any(not np.array_equal(v, system.pool[c.origin].params[p]) for p, v in c.params.items())
+    ]
+    assert trained, [(c.name, c.origin) for c in cloned]
 
 
 def test_scores_follow_the_formula(grown):
@@ -108,6 +118,11 @@ def test_checkpoint_round_trip(grown, tmp_path):
     }
     for task in system.best:
         np.testing.assert_array_equal(restored.test_logits(task), system.test_logits(task))
+    for component in system.pool:  # every stored Adam moment, value for value
+        opt = restored.pool[component.id].opt_state or {}
+        assert opt.keys() == (component.opt_state or {}).keys()
+        for key, value in opt.items():
+            np.testing.assert_array_equal(value, component.opt_state[key])
     assert restored.rng.random() == system.rng.random()
 
 
@@ -158,6 +173,8 @@ def test_a_checkpoint_with_moments_keyed_by_the_variables_value_restores(grown, 
     checkpoints.close()
     for cid, opt in moments.items():
         assert restored.pool[cid].opt_state.keys() == opt.keys()
+        for key, value in opt.items():
+            np.testing.assert_array_equal(restored.pool[cid].opt_state[key], value)
 
 
 def test_an_expert_cloned_into_a_free_slot_trains_alone_and_old_routing_never_sees_it(
