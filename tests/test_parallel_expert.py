@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -428,9 +429,27 @@ def test_tiled_experts_under_mesh_match_unsharded():
     inputs = _inputs()[:2]
     reference = jax.device_get(_run(_moe("tokens", 1.5), inputs))
     tiled = _moe("tokens", 1.5, max_batched_hidden_bytes=0)
-    lowered = jax.jit(lambda x, t: _loss(tiled, x, t)[0]).lower(*inputs).as_text()
-    assert "while" in lowered  # the tiled path really runs
+    mesh = _mesh((2, 4))
+    sharded = jax.device_put(inputs, parallel.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(lambda x, t: _loss(tiled, x, t)[0]).lower(*sharded).as_text()
+    # The tiled path really runs, and inside the shard_map: a loop in its manual region.
+    assert any("stablehlo.while" in region for region in _manual_regions(lowered))
     _assert_same(_run(tiled, inputs, (2, 4)), reference)
+
+
+def _manual_regions(stablehlo: str) -> list[str]:
+    """The bodies of the shard_map regions (sdy.manual_computation) of a lowering."""
+    regions = []
+    for match in re.finditer(r"sdy\.manual_computation", stablehlo):
+        start = stablehlo.index("{\n", match.end())  # the region (attribute braces close)
+        depth = 0
+        for end in range(start, len(stablehlo)):
+            depth += {"{": 1, "}": -1}.get(stablehlo[end], 0)
+            if depth == 0:
+                regions.append(stablehlo[start : end + 1])
+                break
+    return regions
 
 
 @pytest.mark.parametrize(
