@@ -142,13 +142,15 @@ def test_renormalized_gates_and_shared_experts(inputs):
 
 def test_router_noise_only_in_training(inputs):
     x, _ = inputs
-    layer = mtm.MoE(D, H, E, K, router_noise=1.0, capacity_factor=None, rngs=nnx.Rngs(0))
+    layer = make("tokens", router_noise=1.0, capacity_factor=None)
     a, _ = layer(x)
     b, _ = layer(x)
     assert not np.array_equal(np.asarray(a), np.asarray(b))
+    # At evaluation the output is the noiseless loop reference's (noise drawn there, or a
+    # stale draw reused, would move it).
     c, _ = layer(x, deterministic=True)
-    d, _ = layer(x, deterministic=True)
-    np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+    expected, _ = ref.moe_loop(layer, x)
+    np.testing.assert_allclose(np.asarray(c), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("routing", ["task", "task_tokens", "per_task"])
@@ -175,9 +177,19 @@ def test_gradients_reach_router_and_used_experts(routing, inputs):
     used = np.asarray(aux["expert_counts"]) > 0
     w_in_norm = np.asarray(jnp.abs(grads["experts"]["w_in"][...]).sum(axis=(1, 2)))
     np.testing.assert_array_equal(w_in_norm > 0, used)
-    # Same input, same output, bit for bit.
-    again, _ = loss_and_grads(params)
-    for g1, g2 in zip(leaves, jax.tree.leaves(again), strict=True):
+    # The same layer built again from its seed, traced and compiled anew: the same
+    # gradients, bit for bit.
+    graphdef2, params2, rest2 = nnx.split(make(routing, capacity_factor=1.0), nnx.Param, ...)
+
+    @jax.jit
+    def grads_again(params):
+        def loss(params):
+            y, aux = nnx.merge(graphdef2, params, rest2)(x, task_ids)
+            return jnp.mean(jnp.square(y)) + 0.01 * aux["mutual_info_loss"]
+
+        return jax.grad(loss)(params)
+
+    for g1, g2 in zip(leaves, jax.tree.leaves(grads_again(params2)), strict=True):
         np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
 
 
@@ -194,8 +206,13 @@ def test_bfloat16_activations_and_params(inputs):
     y, aux = layer(x.astype(jnp.bfloat16), task_ids)
     assert y.dtype == jnp.bfloat16
     assert aux["load_balance_loss"].dtype == jnp.float32
-    want, _ = ref_layer(x, task_ids)
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), atol=0.1, rtol=0.1)
+    # Against the float32 layer on the same (bfloat16-rounded) inputs and weights: what is
+    # left is bfloat16's own rounding, about 0.5% of the output's scale here (8 bits of
+    # mantissa); the bound allows 2%, far below a wrong expert or gate (tens of percent).
+    want, _ = ref_layer(x.astype(jnp.bfloat16).astype(jnp.float32), task_ids)
+    want = np.asarray(want)
+    error = np.abs(np.asarray(y, np.float32) - want)
+    assert error.max() <= 0.02 * np.abs(want).max(), (error.max(), np.abs(want).max())
 
 
 @pytest.mark.parametrize(
