@@ -159,8 +159,26 @@ def test_shared_freeze_keeps_seen_tasks_bit_identical(mode, request, tmp_path, c
                 np.take(old[path][0], old_names.index(name), axis),
                 err_msg=f"{path} {name}",
             )
-    embedding = grown[next(p for p in grown if p[-1] == "task_embedding")][0]
-    assert not np.array_equal(embedding[names.index("wine")], np.zeros_like(embedding[0]))
+    # ... and the new tasks trained: against the same warm start after 0 steps, each new
+    # task's rows of every task-indexed parameter moved, and its validation loss fell.
+    start_dir = str(tmp_path / "start")
+    start_results = train_and_evaluate(
+        grown_config(base, freeze="shared", new_task_init="nearest", num_train_steps=0, **changes),
+        start_dir,
+    )
+    _, start, _ = values(start_dir)
+    new_names = [name for name in names if name not in old_names]
+    for path, (value, is_param) in grown.items():
+        axis = tags.get(path, {}).get("task_axis")
+        if is_param and axis is not None:
+            for name in new_names:
+                row = names.index(name)
+                assert not np.array_equal(
+                    np.take(value, row, axis), np.take(start[path][0], row, axis)
+                ), f"{path} {name}"
+    for name in new_names:
+        key = f"eval/{name}/loss"
+        assert results[key] < start_results[key], (key, results[key], start_results[key])
 
 
 @pytest.mark.slow  # a third training of the module (the suite's time budget)
