@@ -23,15 +23,24 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 
 
 def pytest_collection_modifyitems(config, items):
+    on_cpu = jax.default_backend() == "cpu"
     for item in items:  # an experiment run is slow too: `-m "not slow"` leaves it out
         if item.get_closest_marker("experiment"):
             item.add_marker("slow")
+        if on_cpu and item.get_closest_marker("accelerator"):
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="needs a GPU or TPU: run with JAX_PLATFORMS=cuda (or tpu) "
+                    "-m accelerator on a machine that has one"
+                )
+            )
 
 
 def pytest_sessionfinish(session, exitstatus):

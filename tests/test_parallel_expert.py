@@ -310,6 +310,23 @@ def test_ragged_exchange_matches_unsharded(routing, mesh_shape, emulated_ragged)
     assert len(emulated_ragged) == 2  # out and back (the backward is their transpose)
 
 
+@pytest.mark.accelerator
+@pytest.mark.parametrize("routing", ["tokens", "task"])
+def test_ragged_exchange_runs_for_real_against_unsharded(routing):
+    """XLA's own ragged all-to-all (no emulation) on every device of the GPU or TPU
+    backend, the experts split over them, against the unsharded layer on one device;
+    matmuls at full float32 precision on both sides (no TF32), so the test tolerance
+    holds."""
+    devices = jax.device_count()
+    if NUM_EXPERTS % devices or BATCH % devices:
+        pytest.skip(f"{devices} devices do not divide {NUM_EXPERTS} experts and {BATCH} rows")
+    with jax.default_matmul_precision("highest"):
+        inputs = _inputs()[:2]  # not _moe_case's cached reference: this precision
+        reference = jax.device_get(_run(_moe(routing, None), inputs))
+        sharded = _run(_moe(routing, None, exchange="ragged"), inputs, (1, devices))
+    _assert_same(sharded, reference)
+
+
 @pytest.mark.parametrize("platform", ("tpu", "cuda"))
 def test_ragged_exchange_lowers_for_tpu_and_gpu(platform):
     layer = _moe("tokens", None, exchange="ragged")
