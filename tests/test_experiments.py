@@ -25,14 +25,18 @@ def _seeds(a, b):
 @pytest.mark.parametrize(
     "expect, a, b, tolerance, outcome",
     [
-        (">", [0.9, 0.8, 0.85], [0.7, 0.7, 0.72], 0, stats.AGREES),  # diffs .2 .1 .13
+        (">", [0.9, 0.8, 0.85], [0.7, 0.7, 0.72], 0, stats.AGREES),  # diffs .2 .1 .13: t 4.6
         ("<", [0.9, 0.8, 0.85], [0.7, 0.7, 0.72], 0, stats.DISAGREES),
-        (">", [0.71, 0.69, 0.70], [0.70, 0.70, 0.70], 0, stats.WITHIN_NOISE),  # mean 0, std .01
-        ("~", [0.805, 0.80], [0.80, 0.80], 0.01, stats.AGREES),
-        ("~", [0.83, 0.82], [0.80, 0.80], 0.01, stats.DISAGREES),
-        ("=", [0.0, 0.0], [0.0, 0.0], 0, stats.AGREES),
-        ("=", [0.0, 1e-9], [0.0, 0.0], 0, stats.DISAGREES),
-        (">", [0.5], [0.4], 0, stats.AGREES),  # one seed: the sign alone
+        (">", [0.71, 0.69, 0.70], [0.70, 0.70, 0.70], 0, stats.WITHIN_NOISE),  # mean 0
+        # mean .1 > std .058 (the old rule's "agrees"), but t = 1.73: p = .11 decides nothing.
+        (">", [0.8, 0.8, 0.7], [0.7, 0.7, 0.7], 0, stats.WITHIN_NOISE),
+        (">=", [0.695, 0.70, 0.705], [0.70, 0.70, 0.70], 0.01, stats.AGREES),  # a tie passes
+        (">=", [0.60, 0.62, 0.61], [0.70, 0.70, 0.70], 0.01, stats.DISAGREES),
+        ("~", [0.801, 0.80, 0.799], [0.80, 0.80, 0.80], 0.01, stats.AGREES),
+        ("~", [0.83, 0.82, 0.825], [0.80, 0.80, 0.80], 0.01, stats.DISAGREES),
+        ("~", [0.805, 0.80], [0.80, 0.80], 0.01, stats.WITHIN_NOISE),  # interval .03 wide
+        (">", [0.5], [0.4], 0, stats.NOT_ENOUGH_SEEDS),  # one seed: no spread, no test
+        ("~", [0.5], [0.5], 0.01, stats.NOT_ENOUGH_SEEDS),
     ],
 )
 def test_judge(expect, a, b, tolerance, outcome):
@@ -44,9 +48,71 @@ def test_judge(expect, a, b, tolerance, outcome):
         assert math.isclose(verdict.difference.std, diffs.std(ddof=1))
 
 
-def test_judge_refuses_unknown_direction():
-    with pytest.raises(ValueError, match="expect='>='"):
-        stats.judge(stats.Compare("x", "a", "b", ">="), _seeds([1], [0]))
+@pytest.mark.parametrize("expect, alternative", [(">", "greater"), ("<", "less")])
+def test_p_value_and_interval_are_the_paired_t_tests(expect, alternative):
+    from scipy import stats as scipy_stats
+
+    a, b = [0.81, 0.74, 0.79, 0.77], [0.70, 0.72, 0.75, 0.71]
+    verdict = stats.judge(stats.Compare("x", "a", "b", expect), _seeds(a, b))
+    assert verdict.p_value == pytest.approx(
+        scipy_stats.ttest_rel(a, b, alternative=alternative).pvalue, rel=1e-9
+    )
+    interval = scipy_stats.ttest_rel(a, b).confidence_interval(1 - 2 * stats.ALPHA)
+    assert verdict.interval == pytest.approx((interval.low, interval.high), rel=1e-9)
+
+
+def test_error_rate_under_no_difference_is_alpha():
+    """2000 three-seed comparisons of two equal arms (normal noise): each side is read
+    with probability ALPHA (binomial sd 0.005); the old one-sd rule read each about 0.11."""
+    rng = np.random.default_rng(0)
+    outcomes = [
+        stats.judge(
+            stats.Compare("x", "a", "b", ">"), _seeds(rng.normal(size=3), [0, 0, 0])
+        ).outcome
+        for _ in range(2000)
+    ]
+    for outcome in (stats.AGREES, stats.DISAGREES):
+        assert outcomes.count(outcome) / len(outcomes) == pytest.approx(stats.ALPHA, abs=0.02)
+
+
+def test_seeds_to_decide_is_the_fewest_that_clear_the_test():
+    d = stats.Stat(mean=0.02, std=0.03, n=3)
+    n = stats.seeds_to_decide(d)
+    assert n is not None and n > 3
+
+    def decides(seeds):
+        return stats.judge(
+            stats.Compare("x", "a", "b", ">"),
+            [{"a": d.mean + d.std * z, "b": 0.0} for z in _unit_spread(seeds)],
+        ).outcome
+
+    assert decides(n) == stats.AGREES and decides(n - 1) == stats.WITHIN_NOISE
+    assert stats.seeds_to_decide(stats.Stat(0.0, 0.1, 3)) is None  # no effect: never
+    noise = stats.judge(stats.Compare("x", "a", "b", ">"), _seeds([0.8, 0.8, 0.7], [0.7] * 3))
+    assert noise.seeds_to_decide == stats.seeds_to_decide(noise.difference)
+
+
+def _unit_spread(n):
+    """n values with mean exactly 0 and sample standard deviation exactly 1."""
+    z = np.linspace(-1, 1, n)
+    return (z - z.mean()) / z.std(ddof=1)
+
+
+def test_checks_hold_in_every_seed():
+    fact = stats.Check("smaller", "a", "b", "<")
+    assert stats.check(fact, _seeds([0.5, 0.6], [1, 1])).outcome == stats.HOLDS
+    failed = stats.check(fact, _seeds([0.5, 1.0, 1.2], [1, 1, 1]))
+    assert (failed.outcome, failed.failing_seeds) == (stats.FAILS, 2)  # a tie fails "<"
+    assert stats.check(stats.Check("tie", "a", "b", "<="), _seeds([1.0], [1])).outcome == "holds"
+
+
+def test_bad_comparisons_name_the_value():
+    with pytest.raises(ValueError, match="expect='=>'"):
+        stats.Compare("x", "a", "b", "=>")
+    with pytest.raises(ValueError, match="expect='~' needs a tolerance > 0"):
+        stats.Compare("x", "a", "b", "~")
+    with pytest.raises(ValueError, match="relation='!='"):
+        stats.Check("x", "a", "b", "!=")
 
 
 def test_runner_trains_once_and_reads_back(tmp_path, monkeypatch):
@@ -97,6 +163,7 @@ def test_report_from_known_measurements(tmp_path):
     text = open(path).read()
     assert "| MoE in the mixture | 0.700 ± 0.100 |" in text
     assert "| 2. low_resource | MoE: mixture > alone | agrees |" in text
+    assert "p = 0.019" in text  # t = 5.0 on 2 degrees of freedom
     assert f"{SCALES['full'].single_steps} steps" in text  # the setting names the scale's steps
     assert (tmp_path / "results" / "low_resource.png").stat().st_size > 0
     assert json.load(open(tmp_path / "results" / "low_resource.json"))["per_seed"] == per_seed
@@ -119,6 +186,30 @@ def test_bad_arguments_name_the_value(capsys):
     assert quick.workdir == os.path.join("workdir", "experiments", "quick")
     assert quick.out == os.path.join(quick.workdir, "report")
     assert parse_args([]).out == "docs"
+
+
+def test_report_lists_checks_apart_and_keys_not_measured():
+    from multitask_moe.experiments.expert_claims import EXTRACTION, INFERENCE
+
+    seeds = [
+        {"task_moe/full": f, "task_moe/extracted": f, "task_moe/params_ratio": r,
+         "task_moe/one": 1.0, "mod_squad/full": f, "mod_squad/extracted": f - 0.1,
+         "mod_squad/params_ratio": 1.0, "mod_squad/one": 1.0}
+        for f, r in ((0.8, 0.5), (0.7, 0.6), (0.75, 0.55))
+    ]  # fmt: skip
+    result = report.claim_result(EXTRACTION, SCALES["full"], seeds, (0, 1, 2))
+    assert [c["outcome"] for c in result["checks"]] == [stats.HOLDS, stats.FAILS]
+    assert [v["outcome"] for v in result["verdicts"]] == [stats.AGREES, stats.DISAGREES]
+    text = report.claim_markdown(result)
+    assert "- Mod-Squad: extracted / full parameters < 1: difference 0.000 ± 0.000" in text
+    assert "**fails** (fails in 3 seeds)" in text
+    assert "| 6. extraction | check: Task-MoE: extracted / full parameters < 1 | holds |" in (
+        report.summary_table([result])
+    )
+    # A measurement from before claim 8 timed same-size groups has no such key.
+    old = [{"speedup": 1.5, "one": 1.0, "extracted_accuracy": 0.7, "tokens_accuracy": 0.7}] * 2
+    outcomes = {v["label"]: v["outcome"] for v in report.verdicts(INFERENCE, old)}
+    assert outcomes["extracted is faster (same routing groups)"] == report.NOT_MEASURED
 
 
 def test_one_report_shows_one_scale(tmp_path):

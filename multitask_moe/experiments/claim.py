@@ -14,7 +14,7 @@ import numpy as np
 from multitask_moe.experiments import baselines
 from multitask_moe.experiments.catalogue import RUNS
 from multitask_moe.experiments.runs import Runner
-from multitask_moe.experiments.stats import Compare
+from multitask_moe.experiments.stats import Check, Compare
 
 # The runs whose tasks are extracted (claims 6 and 8).
 EXTRACTED = {"task_moe": "mixture/task", "mod_squad": "mixture/mod_squad"}
@@ -58,7 +58,8 @@ class Context:
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One claim: `measure(context, seed)` returns {key: float} (and "note/..." strings);
-    `rows` are the (label, key) pairs of its table; `compares` its directional tests."""
+    `rows` are the (label, key) pairs of its table; `compares` the paper's statements,
+    each judged by a test over seeds; `checks` the structural facts of the setting."""
 
     name: str
     number: int
@@ -68,6 +69,7 @@ class Claim:
     measure: Callable[[Context, int], dict]
     rows: tuple[tuple[str, str], ...]
     compares: tuple[Compare, ...]
+    checks: tuple[Check, ...] = ()
     per_task: tuple[str, ...] = ()  # arms whose "<arm>/<task>" keys make a per-task table
 
 

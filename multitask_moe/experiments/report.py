@@ -18,6 +18,7 @@ RESULTS_FILE = "results.md"
 # Written by hand after reading a full run (what the numbers mean, what was looked into);
 # results.md includes it after the summary table, so a new run keeps it.
 DISCUSSION_FILE = "discussion.md"
+NOT_MEASURED = "not measured"
 
 
 def setting_text(claim: Claim, scale: Scale) -> str:
@@ -26,8 +27,32 @@ def setting_text(claim: Claim, scale: Scale) -> str:
     return claim.setting.format(**fields)
 
 
+def _measured(keys, numbers: Sequence[Mapping[str, float]]) -> bool:
+    return all(k in seed for seed in numbers for k in keys)
+
+
+def verdicts(claim: Claim, numbers: Sequence[Mapping[str, float]]) -> list[dict]:
+    """Each comparison judged, or NOT_MEASURED where a seed lacks one of its keys (a
+    measurement written before the key existed)."""
+    return [
+        dataclasses.asdict(stats.judge(c, numbers))
+        if _measured((c.a, c.b), numbers)
+        else {"label": c.label, "expect": c.expect, "outcome": NOT_MEASURED}
+        for c in claim.compares
+    ]
+
+
+def checks(claim: Claim, numbers: Sequence[Mapping[str, float]]) -> list[dict]:
+    return [
+        dataclasses.asdict(stats.check(c, numbers))
+        if _measured((c.a, c.b), numbers)
+        else {"label": c.label, "relation": c.relation, "outcome": NOT_MEASURED}
+        for c in claim.checks
+    ]
+
+
 def claim_result(claim: Claim, scale: Scale, per_seed: Sequence[dict], seeds) -> dict:
-    """The JSON of one claim: per-seed values, mean and std per key, verdicts."""
+    """The JSON of one claim: per-seed values, mean and std per key, verdicts, checks."""
     numbers = [{k: v for k, v in m.items() if not k.startswith("note/")} for m in per_seed]
     notes = sorted({k for m in per_seed for k in m if k.startswith("note/")})
     return {
@@ -41,7 +66,9 @@ def claim_result(claim: Claim, scale: Scale, per_seed: Sequence[dict], seeds) ->
         "per_seed": per_seed,
         "stats": {k: dataclasses.asdict(s) for k, s in stats.aggregate(numbers).items()},
         "notes": {k.removeprefix("note/"): [m.get(k) for m in per_seed] for k in notes},
-        "verdicts": [dataclasses.asdict(stats.judge(c, numbers)) for c in claim.compares],
+        "alpha": stats.ALPHA,
+        "verdicts": verdicts(claim, numbers),
+        "checks": checks(claim, numbers),
     }
 
 
@@ -105,13 +132,30 @@ def _fmt(s: Mapping) -> str:
 
 
 def _verdict_line(v: Mapping) -> str:
-    expect = {">": "higher", "<": "lower", "~": f"within {v['tolerance']}", "=": "equal"}[
-        v["expect"]
-    ]
+    expect = {
+        ">": "higher",
+        "<": "lower",
+        ">=": f"not lower by more than {v.get('tolerance')}",
+        "~": f"within {v.get('tolerance')}",
+    }[v["expect"]]
+    if v["outcome"] == NOT_MEASURED:
+        return f"- {v['label']} (paper: {expect}) -> **{NOT_MEASURED}**"
+    test = ""
+    if v["p_value"] is not None:
+        low, high = v["interval"]
+        test = f", 90% interval [{low:.3g}, {high:.3g}], p = {v['p_value']:.2g}"
+    decide = f"; about {v['seeds_to_decide']} seeds would decide" if v["seeds_to_decide"] else ""
     return (
-        f"- {v['label']}: difference {_fmt(v['difference'])} (paper: {expect}) -> "
-        f"**{v['outcome']}**"
+        f"- {v['label']}: difference {_fmt(v['difference'])}{test} (paper: {expect}) -> "
+        f"**{v['outcome']}**{decide}"
     )
+
+
+def _check_line(c: Mapping) -> str:
+    if c["outcome"] == NOT_MEASURED:
+        return f"- {c['label']} -> **{NOT_MEASURED}**"
+    failing = f" (fails in {c['failing_seeds']} seeds)" if c["failing_seeds"] else ""
+    return f"- {c['label']}: difference {_fmt(c['difference'])} -> **{c['outcome']}**{failing}"
 
 
 def claim_markdown(result: dict) -> str:
@@ -131,6 +175,9 @@ def claim_markdown(result: dict) -> str:
             lines.append(f"| {label} | {_fmt(result['stats'][key])} |")
     lines += ["", "**Direction.**", ""]
     lines += [_verdict_line(v) for v in result["verdicts"]]
+    if result.get("checks"):
+        lines += ["", "**Checks** (structural facts of the setting, not the paper's finding):", ""]
+        lines += [_check_line(c) for c in result["checks"]]
     if claim.per_task:
         tasks = sorted(
             {k.split("/", 1)[1] for k in result["stats"] if k.startswith(f"{claim.per_task[0]}/")},
@@ -161,11 +208,26 @@ def _claim_results(directory: str) -> list[dict]:
     return results
 
 
+def rejudge(out_dir: str) -> None:
+    """Rewrites every claim JSON (and plot) in out_dir/results from its stored per-seed
+    measurements with the current verdicts and checks: no run is measured again."""
+    from multitask_moe.experiments.scale import SCALES
+
+    for result in _claim_results(os.path.join(out_dir, RESULTS_DIR)):
+        claim = CLAIMS[result["name"]]
+        scale = SCALES[result["scale"]]
+        write_claim(out_dir, claim_result(claim, scale, result["per_seed"], result["seeds"]))
+
+
 def summary_table(results: Sequence[dict]) -> str:
     lines = ["| claim | statement | ours |", "|---|---|---|"]
     for result in results:
         for v in result["verdicts"]:
             lines.append(f"| {result['claim']}. {result['name']} | {v['label']} | {v['outcome']} |")
+        for c in result.get("checks", ()):
+            lines.append(
+                f"| {result['claim']}. {result['name']} | check: {c['label']} | {c['outcome']} |"
+            )
     return "\n".join(lines)
 
 
