@@ -70,7 +70,9 @@ def test_benchmark_runs_at_toy_size(script, args, tmp_path):
             tokens = 8 * 16 // 8
             assert ring["bytes_sent_per_device"] == (n - 1) * tokens * 2 * 16 * 4
             assert ring["bytes_ratio"] == n / 2
-            assert 0 < by_mode[mesh, "dropless ragged"]["bytes_ratio"] < 2
+            ragged = by_mode[mesh, "dropless ragged"]
+            assert 0 < ragged["bytes_ratio"] < 2 and ragged["bytes_source"] == "estimate"
+            assert by_mode[mesh, "cf 1.0"]["bytes_source"] == "compiled HLO"
     else:
         assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in rows)
 
@@ -94,8 +96,12 @@ def test_input_pipeline_benchmark_runs(tmp_path):
         "--steps=5",
         "--warmup_steps=1",
         "--resume_step=1000",
+        "--step_runs=1",
+        "--step_steps=1",
     )
     assert result["train_examples_per_s_median"] > 0
+    assert result["consumed_source"] == "measured train step"
+    assert result["target_examples_per_s"] == 10 * result["consumed_examples_per_s"] > 0
 
 
 @pytest.mark.slow  # ~3 min: trains both variants briefly, extracts one task of each
@@ -132,6 +138,7 @@ def test_evolution_benchmark_runs(tmp_path):
         "--set=evolve.children=2",
     )
     assert result["step_ratio_child_over_plain"] > 0
+    assert result["step_ratio_frozen_over_all_trainable"] > 0
     assert [g["generation"] for g in result["generations"]] == [0]
     assert result["generations"][0]["compiles"] >= 1
 
