@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 CONFIG ?= configs/default.py
 ARGS ?=
+# Test processes: the suite's tiny models are mostly compile time, which XLA spends on one
+# core, so one process per core (pytest-xdist; a file's tests stay in one process, which
+# keeps module fixtures shared). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
 BENCH_OUT ?= benchmarks/results
 
 .PHONY: install train test test-slow test-experiments bench reproduce lint clean
@@ -23,7 +27,7 @@ train: install
 	$(PY) -m multitask_moe.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 # The routing-variant trainings, notebooks and long fault tests; CI runs them after
 # `make test`. The whole-experiment runs are left to test-experiments (tens of minutes).
