@@ -105,8 +105,8 @@ def _mutate_experts(system: System, rng, parent_id: int, depth: int, mu: float):
         free = [k for k in range(parent_arch.expert_slots) if k not in active[block]]
         if free and rng.random() < mu:
             cloned = int(rng.choice(sorted(active[block])))
-            clones[path_model.expert_name(block, free[0])] = sources[
-                path_model.expert_name(block, cloned)
+            clones[str(ComponentName.expert_slot(block, free[0]))] = sources[
+                str(ComponentName.expert_slot(block, cloned))
             ]
             active[block].add(free[0])
     return tuple((i, tuple(sorted(active[i]))) for i in sorted(active)), clones

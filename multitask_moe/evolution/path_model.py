@@ -87,11 +87,6 @@ class Architecture:
         return dataclasses.replace(self, experts=())
 
 
-def expert_name(block: int, slot: int) -> str:
-    """The component name of expert slot `slot` of block `block`'s MoE."""
-    return str(ComponentName.expert_slot(block, slot))
-
-
 @dataclasses.dataclass
 class Values:
     """One component's arrays, as {leaf path: numpy array} for parameters and statistics."""
@@ -163,7 +158,10 @@ def owners(arch: Architecture, state: Mapping[str, nnx.State]) -> Owners:
         for path, tags in axis_tags(state[kind]).items():
             axis = tags.get("expert_axis", tags.get("route_axis"))
             if axis is not None and any(path[: len(p)] == p for p in layers):
-                sliced[path] = (axis, {k: expert_name(path[1], k) for k in blocks[path[1]]})
+                sliced[path] = (
+                    axis,
+                    {k: str(ComponentName.expert_slot(path[1], k)) for k in blocks[path[1]]},
+                )
     return Owners(whole=component_of, sliced=sliced)
 
 
